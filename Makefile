@@ -1,0 +1,17 @@
+.PHONY: setup demo test bench lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/python -m simulator.demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python benchmarks/bench_tls.py
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy device_agent provisioning

@@ -1,0 +1,52 @@
+"""One root for every error the project raises, one branch per subsystem.
+
+Callers catch the branch they can act on; each carries the data needed to act
+(the TPM response code, the HTTP status and Retry-After). Third-party
+exceptions are translated where they enter, with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class IdentityError(Exception):
+    """Root of the project's exceptions."""
+
+
+class ConfigError(IdentityError):
+    """A configuration file or value is malformed; the message names the key."""
+
+
+class FileStoreError(IdentityError):
+    """A state or credential file could not be written or read back."""
+
+
+class TPMError(IdentityError):
+    """The TPM refused or could not be reached. ``rc`` is the TSS2 response code."""
+
+    def __init__(self, message: str, rc: int | None = None) -> None:
+        super().__init__(message)
+        self.rc = rc
+
+
+class TPMUnreachableError(TPMError):
+    """No TPM answers on the configured TCTI."""
+
+
+class ResourceManagerAbsentError(TPMError):
+    """The TCTI reaches no resource manager (tpm2-abrmd or the kernel's /dev/tpmrm0)."""
+
+
+class TPMOutOfMemoryError(TPMError):
+    """TPM_RC_OBJECT_MEMORY persisted after flushing our transient objects and one retry."""
+
+
+class KeyFileError(TPMError):
+    """A TSS2 key file is unreadable or not a TSS2 private key."""
+
+
+class ForeignKeyError(KeyFileError):
+    """A TSS2 key file was wrapped by another TPM's storage key."""
+
+
+class TLSSetupError(IdentityError):
+    """A TLS context could not be built (provider, certificate or key problem)."""

@@ -1,0 +1,326 @@
+"""Certificate authorities of a deployment and the certificates they issue.
+
+Two trust domains, as in IEEE 802.1AR:
+
+* the operator's root (Ed25519) signs the Device CA (EC P-256, issues the short-lived
+  operational certificates) and the TLS server certificates (Ed25519) of the EST
+  server and the broker;
+* the Factory CA is a root of its own (the manufacturer's IDevID root) and signs
+  bootstrap certificates. Only the EST server trusts it, so a bootstrap
+  certificate can never open a broker session.
+
+Server-side keys are Ed25519 on purpose: tpm2-openssl implements ECDSA and RSA
+verification but not Ed25519, so a device verifying the server's chain does it on
+its CPU and the TPM signs only the CertificateVerify (see device_agent/tls.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from device_agent._files import write_private
+
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEVICE_URI_PREFIX = "urn:device:"
+
+
+def validate_device_id(device_id: str) -> str:
+    """Device IDs become MQTT usernames and topic levels: no wildcards, no slashes."""
+    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
+        raise ValueError(
+            f"malformed device ID {device_id!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def device_uri(device_id: str) -> str:
+    return DEVICE_URI_PREFIX + validate_device_id(device_id)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attrs)
+
+
+def _signing_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A CA certificate with its key; ``chain`` holds its issuers up to the root."""
+
+    certificate: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+    chain: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def name(self) -> x509.Name:
+        return self.certificate.subject
+
+    def _builder(
+        self,
+        subject: x509.Name,
+        public_key: CertificateIssuerPublicKeyTypes | CertificatePublicKeyTypes,
+        lifetime: dt.timedelta,
+        not_before: dt.datetime | None,
+    ) -> x509.CertificateBuilder:
+        start = not_before or _now() - dt.timedelta(seconds=60)
+        end = min(start + lifetime, self.certificate.not_valid_after_utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+
+    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self.key, _signing_hash(self.key))
+
+    def issue_ca(
+        self, common_name: str, key: CertificateIssuerPrivateKeyTypes, lifetime: dt.timedelta
+    ) -> Authority:
+        builder = (
+            self._builder(_name(common_name), key.public_key(), lifetime, None)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_CA_USAGE, critical=True)
+        )
+        return Authority(self.sign(builder), key, (self.certificate, *self.chain))
+
+    def issue_client(
+        self,
+        device_id: str,
+        public_key: CertificatePublicKeyTypes,
+        lifetime: dt.timedelta,
+        not_before: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """A device certificate: CN and a URI SAN name the device, clientAuth only."""
+        check_public_key(public_key)
+        builder = (
+            self._builder(_name(validate_device_id(device_id)), public_key, lifetime, not_before)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_LEAF_USAGE, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))]),
+                critical=False,
+            )
+        )
+        return self.sign(builder)
+
+    def issue_server(
+        self,
+        common_name: str,
+        hostnames: Sequence[str],
+        public_key: CertificatePublicKeyTypes,
+        lifetime: dt.timedelta,
+    ) -> x509.Certificate:
+        builder = (
+            self._builder(_name(common_name), public_key, lifetime, None)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_LEAF_USAGE, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(list(_general_names(hostnames))), critical=False)
+        )
+        return self.sign(builder)
+
+
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=False, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+    encipher_only=False, decipher_only=False,
+)
+_LEAF_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False,
+)
+
+
+def _general_names(hostnames: Iterable[str]) -> Iterable[x509.GeneralName]:
+    for host in hostnames:
+        try:
+            yield x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            yield x509.DNSName(host)
+
+
+def check_public_key(public_key: object) -> None:
+    """Keys we certify: EC P-256/P-384 or RSA of at least 2048 bits."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
+            raise ValueError(f"EC curve {public_key.curve.name} is not accepted (P-256 or P-384)")
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise ValueError(f"RSA-{public_key.key_size} is too weak (2048 bits or more)")
+    elif not isinstance(public_key, ed25519.Ed25519PublicKey):
+        raise ValueError(f"key type {type(public_key).__name__} is not accepted")
+
+
+def new_root(common_name: str, lifetime: dt.timedelta, *, ecdsa: bool = False) -> Authority:
+    """A self-signed root; Ed25519 unless ``ecdsa`` asks for P-256."""
+    key: CertificateIssuerPrivateKeyTypes = (
+        ec.generate_private_key(ec.SECP256R1()) if ecdsa else ed25519.Ed25519PrivateKey.generate()
+    )
+    name = _name(common_name)
+    start = _now() - dt.timedelta(seconds=60)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    return Authority(builder.sign(key, _signing_hash(key)), key)
+
+
+# --- PEM files -------------------------------------------------------------------------
+
+
+def cert_pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def key_pem(key: CertificateIssuerPrivateKeyTypes, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def load_certs(path: str | Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(Path(path).read_bytes())
+
+
+def write_authority(directory: Path, authority: Authority, passphrase: bytes | None = None) -> None:
+    """``ca.pem`` (the CA alone), ``chain.pem`` (CA then issuers), ``ca.key`` (0600)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_private(directory / "ca.key", key_pem(authority.key, passphrase))
+    write_private(directory / "ca.pem", cert_pem(authority.certificate), 0o644)
+    write_private(directory / "chain.pem", cert_pem(authority.certificate, *authority.chain), 0o644)
+
+
+def read_authority(directory: Path, passphrase: bytes | None = None) -> Authority:
+    certs = load_certs(directory / "chain.pem")
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), passphrase)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(f"{directory / 'ca.key'} holds a {type(key).__name__}, not a CA key")
+    return Authority(certs[0], key, tuple(certs[1:]))
+
+
+def new_server_key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+# --- a deployment's PKI directory -------------------------------------------------------
+
+ROOT_LIFETIME = dt.timedelta(days=20 * 365)
+CA_LIFETIME = dt.timedelta(days=10 * 365)
+SERVER_LIFETIME = dt.timedelta(days=397)
+
+
+@dataclass(frozen=True)
+class PKIPaths:
+    """Where a PKI directory keeps each authority and server credential."""
+
+    base: Path
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def device_ca(self) -> Path:
+        return self.base / "device-ca"
+
+    @property
+    def factory_ca(self) -> Path:
+        return self.base / "factory-ca"
+
+    @property
+    def servers(self) -> Path:
+        return self.base / "servers"
+
+    @property
+    def server_trust(self) -> Path:
+        """The trust anchor devices use for the EST server and the broker."""
+        return self.root / "ca.pem"
+
+    def server_cert(self, name: str) -> Path:
+        return self.servers / f"{name}.pem"
+
+    def server_key(self, name: str) -> Path:
+        return self.servers / f"{name}.key"
+
+
+def issue_server_files(
+    paths: PKIPaths,
+    name: str,
+    hostnames: Sequence[str],
+    passphrase: bytes | None = None,
+    lifetime: dt.timedelta = SERVER_LIFETIME,
+) -> tuple[Path, Path]:
+    """Issue ``servers/<name>.pem`` (leaf then chain) and its 0600 key from the root."""
+    root = read_authority(paths.root, passphrase)
+    key = new_server_key()
+    cert = root.issue_server(hostnames[0], hostnames, key.public_key(), lifetime)
+    paths.servers.mkdir(parents=True, exist_ok=True)
+    write_private(paths.server_key(name), key_pem(key))
+    write_private(paths.server_cert(name), cert_pem(cert), 0o644)
+    return paths.server_cert(name), paths.server_key(name)
+
+
+def init_pki(
+    directory: str | Path,
+    *,
+    passphrase: bytes | None = None,
+    hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
+) -> PKIPaths:
+    """Create the root, the Device CA, the Factory CA and the EST and broker certificates."""
+    paths = PKIPaths(Path(directory))
+    if (paths.root / "ca.key").exists():
+        raise FileExistsError(f"{paths.root} already holds a CA")
+    root = new_root("Device Identity Root CA", ROOT_LIFETIME)
+    write_authority(paths.root, root, passphrase)
+    device_ca = root.issue_ca("Device CA", ec.generate_private_key(ec.SECP256R1()), CA_LIFETIME)
+    write_authority(paths.device_ca, device_ca, passphrase)
+    write_authority(paths.factory_ca, new_root("Factory CA", ROOT_LIFETIME, ecdsa=True), passphrase)
+    for name in ("est", "broker"):
+        issue_server_files(paths, name, hostnames, passphrase)
+    return paths
