@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent._files import write_private
-
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DEVICE_URI_PREFIX = "urn:device:"
-
-
-def validate_device_id(device_id: str) -> str:
-    """Device IDs become MQTT usernames and topic levels: no wildcards, no slashes."""
-    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
-        raise ValueError(
-            f"malformed device ID {device_id!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
-        )
-    return device_id
-
-
-def device_uri(device_id: str) -> str:
-    return DEVICE_URI_PREFIX + validate_device_id(device_id)
+from device_agent.identity import device_uri, validate_device_id
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -150,7 +133,9 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_LEAF_USAGE, critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(list(_general_names(hostnames))), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(list(_general_names(hostnames))), critical=False
+            )
         )
         return self.sign(builder)
 
@@ -221,7 +206,9 @@ def key_pem(key: CertificateIssuerPrivateKeyTypes, passphrase: bytes | None = No
         serialization.BestAvailableEncryption(passphrase) if passphrase
         else serialization.NoEncryption()
     )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
 
 
 def load_certs(path: str | Path) -> list[x509.Certificate]:
@@ -239,7 +226,8 @@ def write_authority(directory: Path, authority: Authority, passphrase: bytes | N
 def read_authority(directory: Path, passphrase: bytes | None = None) -> Authority:
     certs = load_certs(directory / "chain.pem")
     key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), passphrase)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+    ca_key_types = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if not isinstance(key, ca_key_types):
         raise ValueError(f"{directory / 'ca.key'} holds a {type(key).__name__}, not a CA key")
     return Authority(certs[0], key, tuple(certs[1:]))
 
