@@ -1,0 +1,258 @@
+"""Real processes on 127.0.0.1 for tests, the demo and the fleet simulator.
+
+Each component is a context manager that starts the real program on free
+ports in its own directory, waits until it answers, and on exit terminates
+it, then kills it if it lingers. A missing program is an error that names
+the Debian package to install, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from device_agent.errors import IdentityError
+
+PACKAGES = {
+    "swtpm": "swtpm",
+    "tpm2-abrmd": "tpm2-abrmd libtss2-tcti-tabrmd0",
+    "dbus-daemon": "dbus",
+    "dbus-send": "dbus",
+    "mosquitto": "mosquitto",
+    "mosquitto_sub": "mosquitto-clients",
+    "mosquitto_pub": "mosquitto-clients",
+    "tpm2_readpublic": "tpm2-tools",
+    "openssl": "openssl",
+    "curl": "curl",
+}
+
+
+class ComponentError(IdentityError):
+    """A real component could not be found, started or made ready."""
+
+
+def require(program: str) -> str:
+    """Path of ``program``, or an error saying which Debian package provides it."""
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if path is None:
+        package = PACKAGES.get(program, program)
+        raise ComponentError(f"{program} not found: apt-get install {package} (or run make setup)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A port P with P+1 also free (swtpm's server and control ports)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise ComponentError("no pair of adjacent free ports on 127.0.0.1")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str,
+               process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise ComponentError(f"{what} exited with {process.returncode} before ready:\n{tail}")
+        if check():
+            return
+        time.sleep(0.02)
+    raise ComponentError(f"{what} not ready after {timeout:.0f}s")
+
+
+class Process:
+    """One child process with its output in a log file; always reaped."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.env = env
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        require(self.argv[0])
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})}, start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        if self.running():
+            assert self.popen is not None
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 5.0, signum: int = signal.SIGTERM) -> int | None:
+        """Terminate, then kill after ``timeout``; returns the exit status."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        return self.popen.returncode
+
+
+class DBusSession:
+    """A private D-Bus session bus for tpm2-abrmd instances and their clients."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.address = f"unix:path={directory / 'bus'}"
+        self.process = Process(
+            "dbus-daemon",
+            ["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={self.address}"],
+            directory / "dbus.log",
+        )
+
+    def __enter__(self) -> DBusSession:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process.start()
+        wait_until(lambda: (self.directory / "bus").exists(), 10, "dbus-daemon",
+                   self.process.popen, self.process.log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+    def has_name(self, name: str) -> bool:
+        result = subprocess.run(
+            [require("dbus-send"), f"--bus={self.address}", "--print-reply",
+             "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+             "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+        return "boolean true" in result.stdout
+
+
+class SoftwareTPM:
+    """swtpm behind its own tpm2-abrmd: the TCTI a device would get from /dev/tpmrm0.
+
+    ``max_transients=3`` makes tpm2-abrmd enforce the kernel resource manager's
+    per-connection limit. Without a bus there is no resource manager and
+    ``tcti`` is the raw swtpm one, as on a device that lacks both.
+    """
+
+    def __init__(self, directory: Path, bus: DBusSession | None, name: str = "tpm",
+                 max_transients: int | None = None) -> None:
+        self.directory = directory
+        self.bus = bus
+        self.port = free_port_pair()
+        self.bus_name = f"com.intel.tss2.Tabrmd.{name.replace('-', '_')}{self.port}"
+        self.swtpm_tcti = f"swtpm:host=127.0.0.1,port={self.port}"
+        self.tcti = (f"tabrmd:bus_type=session,bus_name={self.bus_name}" if bus
+                     else self.swtpm_tcti)
+        self.state = directory / "state"
+        self.swtpm = Process("swtpm", [
+            "swtpm", "socket", "--tpm2",
+            "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+            "--flags", "not-need-init,startup-clear",
+            "--tpmstate", f"dir={self.state}",
+        ], directory / "swtpm.log")
+        abrmd = ["tpm2-abrmd", "--session", f"--dbus-name={self.bus_name}",
+                 f"--tcti=swtpm:host=127.0.0.1,port={self.port}", "--allow-root"]
+        if max_transients is not None:
+            abrmd.append(f"--max-transients={max_transients}")
+        self.abrmd = Process("tpm2-abrmd", abrmd, directory / "abrmd.log",
+                             env={"DBUS_SESSION_BUS_ADDRESS": bus.address}) if bus else None
+
+    def __enter__(self) -> SoftwareTPM:
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.start()
+        return self
+
+    def start(self) -> None:
+        self.swtpm.start()
+        wait_until(lambda: port_open(self.port), 10, "swtpm", self.swtpm.popen, self.swtpm.log)
+        if self.abrmd is not None and self.bus is not None:
+            bus = self.bus
+            self.abrmd.start()
+            wait_until(lambda: bus.has_name(self.bus_name), 10, "tpm2-abrmd",
+                       self.abrmd.popen, self.abrmd.log)
+
+    def stop(self) -> None:
+        if self.abrmd is not None:
+            self.abrmd.stop()
+        self.swtpm.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach this TPM through its resource manager."""
+        return {"DBUS_SESSION_BUS_ADDRESS": self.bus.address} if self.bus else {}
+
+
+class Mosquitto:
+    """A Mosquitto broker running a rendered configuration."""
+
+    def __init__(self, directory: Path, config: Path, port: int) -> None:
+        self.directory = directory
+        self.config = config
+        self.port = port
+        self.process = self._process()
+
+    def _process(self) -> Process:
+        return Process("mosquitto", ["mosquitto", "-c", str(self.config)],
+                       self.directory / "mosquitto.log")
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        self.process = self._process().start()
+        wait_until(lambda: port_open(self.port), 10, "mosquitto",
+                   self.process.popen, self.process.log)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

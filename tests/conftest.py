@@ -1,0 +1,121 @@
+"""Real processes shared by the tests: D-Bus, swtpm + tpm2-abrmd, Mosquitto, a PKI.
+
+Every component is the real program on 127.0.0.1 with free ports and temp
+directories; a missing program fails the test with the package to install.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker_config.mosquitto import BrokerSettings, write_config
+from device_agent.tpm import TPM, KeyBlob
+from provisioning import pki
+from simulator.processes import DBusSession, Mosquitto, SoftwareTPM, free_port
+
+BACKEND_ID = "backend"
+
+
+@pytest.fixture(scope="session")
+def dbus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DBusSession]:
+    with DBusSession(tmp_path_factory.mktemp("dbus")) as bus:
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
+        yield bus
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory, dbus: DBusSession) -> Iterator[SoftwareTPM]:
+    """The device TPM, behind tpm2-abrmd limited like the kernel's /dev/tpmrm0."""
+    with SoftwareTPM(tmp_path_factory.mktemp("swtpm"), dbus, "main", max_transients=3) as tpm:
+        yield tpm
+
+
+@pytest.fixture(scope="session")
+def other_swtpm(
+    tmp_path_factory: pytest.TempPathFactory, dbus: DBusSession
+) -> Iterator[SoftwareTPM]:
+    """A second, unrelated TPM."""
+    with SoftwareTPM(tmp_path_factory.mktemp("swtpm-other"), dbus, "other") as tpm:
+        yield tpm
+
+
+@pytest.fixture
+def raw_swtpm(tmp_path: Path) -> Iterator[SoftwareTPM]:
+    """A swtpm with no resource manager in front: objects leak unless flushed."""
+    with SoftwareTPM(tmp_path / "raw-swtpm", None, "raw") as tpm:
+        yield tpm
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> pki.PKIPaths:
+    return pki.init_pki(tmp_path_factory.mktemp("pki"))
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """A certificate and its key on disk, as a client hands them to TLS."""
+
+    cert: Path
+    key: Path
+    device_id: str
+
+
+def issue_file_client(directory: Path, authority: pki.Authority, device_id: str,
+                      lifetime: dt.timedelta = dt.timedelta(days=1)) -> ClientFiles:
+    """A client identity with a software key: back-end services and negative cases."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = authority.issue_client(device_id, key.public_key(), lifetime)
+    (directory / f"{device_id}.key").write_bytes(pki.key_pem(key))
+    os.chmod(directory / f"{device_id}.key", 0o600)
+    (directory / f"{device_id}.pem").write_bytes(pki.cert_pem(cert, *authority.chain[:-1]))
+    return ClientFiles(directory / f"{device_id}.pem", directory / f"{device_id}.key", device_id)
+
+
+@pytest.fixture(scope="session")
+def device_ca(pki_dir: pki.PKIPaths) -> pki.Authority:
+    return pki.read_authority(pki_dir.device_ca)
+
+
+@pytest.fixture(scope="session")
+def device(tmp_path_factory: pytest.TempPathFactory, swtpm: SoftwareTPM,
+           device_ca: pki.Authority) -> ClientFiles:
+    """A device whose key was made in the TPM and certified by the Device CA."""
+    directory = tmp_path_factory.mktemp("device")
+    with TPM(swtpm.tcti) as tpm:
+        blob = tpm.create_key()
+    key_path = blob.write(directory / "device.tss")
+    cert = device_ca.issue_client("dev-0001", KeyBlob.read(key_path).public_key(),
+                                  dt.timedelta(days=1))
+    (directory / "device.pem").write_bytes(pki.cert_pem(cert))
+    return ClientFiles(directory / "device.pem", key_path, "dev-0001")
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory: pytest.TempPathFactory, device_ca: pki.Authority) -> ClientFiles:
+    return issue_file_client(tmp_path_factory.mktemp("backend"), device_ca, BACKEND_ID)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory, pki_dir: pki.PKIPaths) -> Iterator[Mosquitto]:
+    directory = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    settings = BrokerSettings(
+        port=port,
+        client_ca=pki_dir.device_ca / "chain.pem",
+        certfile=pki_dir.server_cert("broker"),
+        keyfile=pki_dir.server_key("broker"),
+        data_dir=directory / "data",
+        backend_identity=BACKEND_ID,
+        user="root",
+    )
+    config = write_config(settings, directory)
+    with Mosquitto(directory, config, port) as mosquitto:
+        yield mosquitto
