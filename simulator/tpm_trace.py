@@ -1,0 +1,56 @@
+"""Count TPM commands from a capture made by the TSS pcap TCTI (``pcap:<child TCTI>``).
+
+The TCTI writes each command and response as a TCP segment in a pcapng file
+(``TCTI_PCAP_FILE``); commands are the segments sent to the TPM's side.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from pathlib import Path
+
+COMMAND_NAMES = {
+    0x131: "CreatePrimary", 0x13E: "SequenceComplete", 0x153: "Create", 0x154: "ECDH_ZGen",
+    0x157: "Load", 0x15C: "SequenceUpdate", 0x15D: "Sign", 0x161: "ContextLoad",
+    0x162: "ContextSave", 0x163: "ECDH_KeyGen", 0x165: "FlushContext", 0x167: "LoadExternal",
+    0x173: "ReadPublic", 0x176: "StartAuthSession", 0x177: "VerifySignature",
+    0x178: "ECC_Parameters", 0x17A: "GetCapability", 0x17B: "GetRandom", 0x17D: "Hash",
+    0x186: "HashSequenceStart", 0x199: "EC_Ephemeral",
+}
+_ENHANCED_PACKET_BLOCK = 6
+_TPM_TAGS = (0x8001, 0x8002)
+
+
+def _segments(data: bytes) -> list[tuple[int, bytes]]:
+    """(TCP destination port, payload) of every packet in a pcapng capture of IPv4 frames."""
+    out = []
+    offset = 0
+    while offset + 12 <= len(data):
+        block_type, block_len = struct.unpack_from("<II", data, offset)
+        if block_len < 12:
+            break
+        if block_type == _ENHANCED_PACKET_BLOCK:
+            captured = struct.unpack_from("<I", data, offset + 20)[0]
+            frame = data[offset + 28: offset + 28 + captured]
+            ip_len = (frame[0] & 0x0F) * 4
+            dst_port = struct.unpack_from(">H", frame, ip_len + 2)[0]
+            tcp_len = (frame[ip_len + 12] >> 4) * 4
+            out.append((dst_port, frame[ip_len + tcp_len:]))
+        offset += block_len
+    return out
+
+
+def count_commands(capture: Path) -> Counter[str]:
+    """TPM commands in ``capture`` by name (unknown codes as hex)."""
+    counts: Counter[str] = Counter()
+    segments = [(port, p) for port, p in _segments(capture.read_bytes())
+                if len(p) >= 10 and struct.unpack_from(">H", p)[0] in _TPM_TAGS]
+    if not segments:
+        return counts
+    tpm_port = segments[0][0]  # the first segment of a session is always a command
+    for port, payload in segments:
+        if port == tpm_port:
+            code = struct.unpack_from(">I", payload, 6)[0]
+            counts[COMMAND_NAMES.get(code, hex(code))] += 1
+    return counts
