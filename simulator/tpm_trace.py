@@ -6,6 +6,7 @@ The TCTI writes each command and response as a TCP segment in a pcapng file
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections import Counter
 from pathlib import Path
@@ -39,6 +40,15 @@ def _segments(data: bytes) -> list[tuple[int, bytes]]:
             out.append((dst_port, frame[ip_len + tcp_len:]))
         offset += block_len
     return out
+
+
+def flush_capture() -> None:
+    """Push the TCTI's buffered capture to disk; call it in the process that captures.
+
+    The pcap TCTI writes through C stdio, which a worker ending with ``os._exit``
+    (as multiprocessing's do) never flushes.
+    """
+    ctypes.CDLL(None).fflush(None)
 
 
 def count_commands(capture: Path) -> Counter[str]:

@@ -17,7 +17,7 @@ import pytest
 from device_agent.tls import client_context
 from provisioning import pki
 from simulator.processes import Mosquitto, SoftwareTPM, require
-from simulator.tpm_trace import count_commands
+from simulator.tpm_trace import count_commands, flush_capture
 
 from .conftest import ClientFiles, issue_file_client
 from .isolated import run_isolated
@@ -70,6 +70,7 @@ def handshake_commands(device: ClientFiles, cafile: Path, tcti: str, port: int,
         with context.wrap_socket(socket.create_connection(("127.0.0.1", port)),
                                  server_hostname="127.0.0.1") as tls:
             tls.do_handshake()
+    flush_capture()
     return count_commands(Path(os.environ["TCTI_PCAP_FILE"]))
 
 
@@ -128,6 +129,7 @@ def test_a_handshake_costs_the_tpm_one_signature_and_nothing_the_cpu_can_do(
         return run_isolated(handshake_commands, device, pki_dir.server_trust, swtpm.tcti,
                             broker.port, handshakes, env={"TCTI_PCAP_FILE": str(capture)})
 
+    run(1)  # the first handshake after start-up signs once more than the rest
     one, four = run(1), run(4)
     extra = four - one
     assert all(count % 3 == 0 for count in extra.values()), extra

@@ -1,0 +1,70 @@
+"""The whole back office and one device TPM on 127.0.0.1, for the demo and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker_config.mosquitto import BrokerSettings, write_config
+from device_agent._files import write_private
+from provisioning import pki
+
+from .processes import DBusSession, Mosquitto, SoftwareTPM, free_port
+
+BACKEND_ID = "backend"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A certificate file and the key file TLS loads with it."""
+
+    cert: Path
+    key: Path
+
+
+class LocalStack(contextlib.ExitStack):
+    """D-Bus, one swtpm behind tpm2-abrmd, a fresh PKI and a Mosquitto broker."""
+
+    def __init__(self, directory: Path, *, max_transients: int | None = 3) -> None:
+        super().__init__()
+        self.directory = directory
+        self.max_transients = max_transients
+
+    def __enter__(self) -> LocalStack:
+        super().__enter__()
+        try:
+            self.bus = self.enter_context(DBusSession(self.directory / "dbus"))
+            os.environ["DBUS_SESSION_BUS_ADDRESS"] = self.bus.address
+            self.tpm = self.enter_context(SoftwareTPM(
+                self.directory / "tpm", self.bus, "device", max_transients=self.max_transients))
+            self.pki = pki.init_pki(self.directory / "pki")
+            self.device_ca = pki.read_authority(self.pki.device_ca)
+            port = free_port()
+            settings = BrokerSettings(
+                port=port, client_ca=self.pki.device_ca / "chain.pem",
+                certfile=self.pki.server_cert("broker"), keyfile=self.pki.server_key("broker"),
+                data_dir=self.directory / "broker" / "data", backend_identity=BACKEND_ID,
+                user="root",
+            )
+            config = write_config(settings, self.directory / "broker")
+            self.broker = self.enter_context(Mosquitto(self.directory / "broker", config, port))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def file_client(self, name: str, lifetime: dt.timedelta = dt.timedelta(days=1)) -> Credential:
+        """A client certificate from the Device CA with a software key (back end, baselines)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.device_ca.issue_client(name, key.public_key(), lifetime)
+        directory = self.directory / "clients"
+        directory.mkdir(exist_ok=True)
+        return Credential(
+            write_private(directory / f"{name}.pem", pki.cert_pem(cert), 0o644),
+            write_private(directory / f"{name}.key", pki.key_pem(key)),
+        )
