@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEVICE_URI_PREFIX = "urn:device:"
 
 
 def validate_device_id(device_id: str) -> str:
     """Device IDs become MQTT usernames and topic levels: no wildcards, no slashes."""
-    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.fullmatch(device_id):
         raise ValueError(
             f"malformed device ID {device_id!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
