@@ -78,7 +78,7 @@ def main() -> None:
         trace = Path(tmp) / "trace.pcap"
         traced = {**env, "TCTI_PCAP_FILE": str(trace)}
         counts = []
-        for limit in (1, 10, 60):  # the first process after start-up signs once more: warm up
+        for limit in (1, 10, 60):  # warm-up: a TPM's first signature may be answered "retry"
             in_child(tpm_cred, cafile, port, f"pcap:{stack.tpm.tcti}", 60.0, traced, limit)
             counts.append(count_commands(trace))
             trace.unlink()

@@ -124,13 +124,13 @@ def test_a_handshake_costs_the_tpm_one_signature_and_nothing_the_cpu_can_do(
     device: ClientFiles, pki_dir: pki.PKIPaths, swtpm: SoftwareTPM, broker: Mosquitto,
     tmp_path: Path,
 ) -> None:
-    def run(handshakes: int) -> Counter[str]:
-        capture = tmp_path / f"{handshakes}.pcap"
+    def run(handshakes: int, name: str) -> Counter[str]:
+        capture = tmp_path / f"{name}.pcap"  # the pcap TCTI appends: one file per run
         return run_isolated(handshake_commands, device, pki_dir.server_trust, swtpm.tcti,
                             broker.port, handshakes, env={"TCTI_PCAP_FILE": str(capture)})
 
-    run(1)  # the first handshake after start-up signs once more than the rest
-    one, four = run(1), run(4)
+    run(1, "warm-up")  # a TPM's first signature after start-up may be answered "retry"
+    one, four = run(1, "one"), run(4, "four")
     extra = four - one
     assert all(count % 3 == 0 for count in extra.values()), extra
     per_handshake = Counter({name: count // 3 for name, count in extra.items()})
