@@ -50,3 +50,35 @@ class ForeignKeyError(KeyFileError):
 
 class TLSSetupError(IdentityError):
     """A TLS context could not be built (provider, certificate or key problem)."""
+
+
+class ESTError(IdentityError):
+    """The EST server refused or could not be reached.
+
+    ``status`` is the HTTP status (None when no answer came), ``retry_after``
+    the seconds the server asked us to wait, ``reason`` its short text.
+    """
+
+    def __init__(self, message: str, status: int | None = None, reason: str = "",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying again later: no answer, busy, pending, or a server fault."""
+        return self.status is None or self.status in (202, 408, 429) or self.status >= 500
+
+
+class ESTPendingError(ESTError):
+    """202: the server holds the request until an operator decides (RFC 7030 4.2.3)."""
+
+
+class CredentialError(IdentityError):
+    """The credential store on disk is missing, inconsistent or unusable."""
+
+
+class BrokerError(IdentityError):
+    """The MQTT broker refused us or could not be reached."""

@@ -10,6 +10,7 @@ load is flushed when its ``with`` block ends, and running out of object memory
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tpm2_pytss.constants import (
     TPM2_CAP,
     TPM2_ECC,
     TPM2_HC,
+    TPM2_PT,
     TPM2_RC,
     TPMA_OBJECT,
 )
@@ -57,6 +59,7 @@ from .errors import (
 from .identity import device_uri, validate_device_id
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
+TPM2_PT_FIXED_FIRST = int(TPM2_PT.FIXED)
 SRK_HANDLE = 0x81000001
 
 _T = TypeVar("_T")
@@ -204,6 +207,7 @@ class TPM:
 
     def __init__(self, tcti: str = DEFAULT_TCTI) -> None:
         self.tcti = tcti
+        self.lock = threading.RLock()  # one command at a time, as the TPM itself
         self._live: set[int] = set()
         self._srk: ESYS_TR | None = None
         try:
@@ -236,6 +240,10 @@ class TPM:
 
     def _call(self, action: str, fn: Callable[[], _T]) -> _T:
         """Run one TPM operation; on object-memory pressure flush leaks and retry once."""
+        with self.lock:
+            return self._call_locked(action, fn)
+
+    def _call_locked(self, action: str, fn: Callable[[], _T]) -> _T:
         for attempt in (1, 2):
             try:
                 return fn()
@@ -247,7 +255,7 @@ class TPM:
                 raise error from exc
         raise AssertionError("unreachable")
 
-    def flush_stale_objects(self) -> int:
+    def flush_stale_objects(self) -> int:  # called with the lock held
         """Flush transient objects this connection sees and is not using; returns the count.
 
         Through a resource manager that is only our own leaks; on a raw TCTI it is
@@ -317,9 +325,21 @@ class TPM:
         )
         return KeyBlob(TSSPrivKey(private, public, True, SRK_HANDLE).to_pem())
 
+    def ping(self) -> None:
+        """A cheap command that proves the TPM answers (the watchdog's health probe)."""
+        self._call("answer a capability query", lambda: self.esapi.get_capability(
+            TPM2_CAP.TPM_PROPERTIES, TPM2_PT_FIXED_FIRST, 1))
+
     @contextmanager
     def loaded(self, blob: KeyBlob) -> Iterator[ec.EllipticCurvePrivateKey]:
-        """The key as a ``cryptography`` private key whose signatures the TPM makes."""
+        """The key as a ``cryptography`` private key whose signatures the TPM makes.
+
+        The connection is held for the whole block: signatures need the handle.
+        """
+        with self.lock:
+            yield from self._loaded(blob)
+
+    def _loaded(self, blob: KeyBlob) -> Iterator[ec.EllipticCurvePrivateKey]:
         if blob.parent != SRK_HANDLE:
             raise KeyFileError(f"{blob.source} has parent 0x{blob.parent:08x}, not the SRK")
         srk = self.storage_root_key()

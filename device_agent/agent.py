@@ -1,0 +1,318 @@
+"""The daemon: wires TPM, credentials, EST, the MQTT link, the outbox and systemd together.
+
+One main loop makes every decision (renew, switch, roll back, ping the
+watchdog); slow work runs beside it so the loop keeps turning: enrollment
+and renewal on a worker thread (EST round trips, retries with backoff), the
+broker connection on the link's thread, the local API on its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import AgentConfig
+from .credentials import CredentialStore, Generation
+from .enroll import Enroller
+from .errors import IdentityError, OutboxCorruptError
+from .lifecycle import Action, RenewalPolicy, State, Validity, decide, full_jitter, renewal_time
+from .localapi import LocalAPI
+from .metrics import system_metrics
+from .mqtt import MQTTLink
+from .outbox import Outbox
+from .status import write_status
+from .systemd import Notifier
+from .tls import active_provider, client_context
+from .tpm import TPM
+
+log = logging.getLogger(__name__)
+
+TICK = 0.2
+STATUS_EVERY = 2.0
+SWITCH_TIMEOUT = 60.0
+DRAIN_SECONDS = 5.0
+
+
+def jitter_draw(serial: int) -> float:
+    """A per-certificate draw in [0, 1): stable across restarts, spread across a fleet."""
+    return (serial % 10_007) / 10_007
+
+
+class Agent:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = AgentConfig.load(config_path)
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.renew_requested = threading.Event()
+        self.state = State.BOOTSTRAPPED
+        self.errors: collections.deque[str] = collections.deque(maxlen=10)
+        self.notifier = Notifier()
+        self.link: MQTTLink | None = None
+        self.generation: Generation | None = None
+        self._worker: threading.Thread | None = None
+        self._results: queue.Queue[Generation | BaseException] = queue.Queue()
+        self._retry_at = 0.0
+        self._failures = 0
+        self._switch_deadline: float | None = None
+        self._next: dict[str, float] = {}
+
+    # --- running ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        state_dir = self.config.paths.state_dir
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with TPM(self.config.device.tcti) as tpm, self._open_outbox() as outbox:
+            self.tpm, self.outbox = tpm, outbox
+            self.store = CredentialStore(state_dir)
+            self.enroller = Enroller(self.config, tpm, self.store, self.stop)
+            api = self._start_api()
+            try:
+                self._start(self.store.repair())
+                self.notifier.ready()
+                while not self.stop.is_set():
+                    self._tick()
+                    self.stop.wait(TICK)
+            finally:
+                self._shutdown(api)
+        return 0
+
+    def _open_outbox(self) -> Outbox:
+        path = self.config.paths.state_dir / "outbox.db"
+        options = dict(max_messages=self.config.outbox.max_messages,
+                       drop_policy=self.config.outbox.drop_policy)
+        try:
+            return Outbox(path, self.config.device.id, **options)
+        except OutboxCorruptError as exc:
+            kept = Outbox.quarantine(path)
+            self._error(f"outbox database corrupt ({exc}); kept as {kept.name}, started afresh")
+            return Outbox(path, self.config.device.id, **options)
+
+    def _start_api(self) -> LocalAPI | None:
+        if self.config.api.socket is None:
+            return None
+        return LocalAPI(self.config.api.socket, self.publish, self.config.api.group)
+
+    def _start(self, current: Generation | None) -> None:
+        if current is None:
+            self.state = State.ENROLLING
+            self._spawn(lambda: self.enroller.enroll(), "enroll")
+            return
+        self._use(current)
+        if self.store.previous() is not None:
+            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
+
+    def _shutdown(self, api: LocalAPI | None) -> None:
+        self.notifier.stopping()
+        if api is not None:
+            api.close()
+        if self.link is not None:
+            self.link.stop(drain=DRAIN_SECONDS)
+        self._write_status()
+        log.info("stopped; %d message(s) left in the outbox", self.outbox.depth())
+
+    def publish(self, topic_suffix: str, data: dict[str, Any]) -> int:
+        return self.outbox.put(topic_suffix, data).seq
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _due(self, name: str, every: float) -> bool:
+        now = time.monotonic()
+        if now < self._next.get(name, 0.0):
+            return False
+        self._next[name] = now + every
+        return True
+
+    def _tick(self) -> None:
+        self._collect_worker()
+        self._confirm_or_roll_back()
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self._reload()
+        self._consider_renewal()
+        interval = self.config.mqtt.telemetry_interval
+        if interval and self.generation is not None and self._due("telemetry", interval):
+            self.publish("telemetry", {"system": system_metrics()})
+        watchdog = self.notifier.watchdog_interval
+        if watchdog and self._due("watchdog", watchdog / 3):
+            if self._healthy():
+                self.notifier.watchdog()
+        if self._due("status", STATUS_EVERY):
+            self._write_status()
+
+    def _spawn(self, work: Callable[[], Generation], name: str) -> None:
+        def run() -> None:
+            try:
+                self._results.put(work())
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
+                self._results.put(exc)
+
+        self._worker = threading.Thread(target=run, name=name, daemon=True)
+        self._worker.start()
+
+    def _collect_worker(self) -> None:
+        try:
+            result = self._results.get_nowait()
+        except queue.Empty:
+            return
+        self._worker = None
+        if isinstance(result, Generation):
+            self._failures = 0
+            self.store.activate(result)
+            self._use(result)
+            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
+            return
+        self._failures += 1
+        hint = getattr(result, "retry_after", None) or 0.0
+        delay = max(full_jitter(self._failures, 2.0, self.config.renewal.retry_max), hint)
+        self._retry_at = time.monotonic() + delay
+        self._error(f"{self.state.value} failed: {result}; next attempt in {delay:.0f}s")
+        if not isinstance(result, IdentityError):
+            log.error("unexpected failure", exc_info=result)
+
+    def _use(self, generation: Generation) -> None:
+        """Connect with ``generation``; the link of the previous one is closed first."""
+        context = client_context(certfile=generation.cert_path, keyfile=generation.key_path,
+                                 cafile=self.config.paths.server_trust,
+                                 tcti=self.config.device.tcti)
+        if self.link is not None:
+            self.link.stop(drain=1.0)
+        self.generation = generation
+        self._certificate = generation.certificate()
+        mqtt = self.config.mqtt
+        self.link = MQTTLink(
+            device_id=self.config.device.id, host=mqtt.host, port=mqtt.port,
+            keepalive=mqtt.keepalive, context=context, outbox=self.outbox,
+            inflight=self.config.outbox.inflight, on_command=self.command,
+            status=self._public_status,
+        ).start()
+        self.state = State.OPERATIONAL
+
+    def _confirm_or_roll_back(self) -> None:
+        if self._switch_deadline is None or self.link is None:
+            return
+        if self.link.connected.is_set():
+            self._switch_deadline = None
+            self.store.commit()
+            log.info("credential generation %d confirmed by the broker", self.generation.number
+                     if self.generation else -1)
+        elif time.monotonic() > self._switch_deadline:
+            self._switch_deadline = None
+            if self.store.previous() is None:
+                return
+            self._error("new credential did not reach the broker; rolling back")
+            self._use(self.store.rollback())
+
+    def _consider_renewal(self) -> None:
+        if self._worker is not None or time.monotonic() < self._retry_at:
+            return
+        if self.generation is None:
+            if self.state is State.ENROLLING:
+                self._spawn(lambda: self.enroller.enroll(), "enroll")
+            return
+        validity = Validity(self._certificate.not_valid_before_utc,
+                            self._certificate.not_valid_after_utc)
+        action = decide(validity, dt.datetime.now(dt.UTC), self._policy(),
+                        jitter_draw(self._certificate.serial_number))
+        if self.renew_requested.is_set():
+            self.renew_requested.clear()
+            action = Action.RENEW if action is Action.NONE else action
+        if action is Action.RENEW:
+            self.state = State.RENEWING
+            current = self.generation
+            self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
+        elif action is Action.RECOVER:
+            self.state = State.EXPIRED
+            self._spawn(lambda: self.enroller.enroll(attempts=1), "recover")
+
+    def _policy(self) -> RenewalPolicy:
+        return RenewalPolicy(self.config.renewal.fraction, self.config.renewal.jitter)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = AgentConfig.load(self.config_path)
+        except IdentityError as exc:
+            self._error(f"reload refused, keeping the running configuration: {exc}")
+        else:
+            changed = config.mqtt != self.config.mqtt
+            self.config = config
+            log.info("configuration reloaded from %s", self.config_path)
+            if changed and self.generation is not None:
+                self._use(self.generation)
+        self.notifier.ready()
+
+    # --- health, status, commands --------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        """The loop turned (we are in it), the TPM answers, the credential is usable."""
+        try:
+            self.tpm.ping()
+        except IdentityError as exc:
+            self._error(f"watchdog withheld: {exc}")
+            return False
+        if self.generation is not None and not self.generation.complete():
+            self._error("watchdog withheld: credential files missing")
+            return False
+        return True
+
+    def _error(self, message: str) -> None:
+        log.error("%s", message)
+        self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}")
+
+    def _public_status(self) -> dict[str, Any]:
+        cert = getattr(self, "_certificate", None)
+        return {"generation": self.generation.number if self.generation else None,
+                "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None}
+
+    def status(self) -> dict[str, Any]:
+        cert = getattr(self, "_certificate", None)
+        link = self.link
+        provider = active_provider()
+        renew_at = None
+        if cert is not None:
+            renew_at = renewal_time(Validity(cert.not_valid_before_utc, cert.not_valid_after_utc),
+                                    self._policy(), jitter_draw(cert.serial_number)).isoformat()
+        return {
+            "device_id": self.config.device.id,
+            "state": self.state.value,
+            "generation": self.generation.number if self.generation else None,
+            "cert_serial": f"{cert.serial_number:x}" if cert else None,
+            "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None,
+            "renew_at": renew_at,
+            "connected": bool(link and link.connected.is_set()),
+            "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            "link": link.stats.__dict__ if link else None,
+            "outbox_depth": self.outbox.depth(),
+            "outbox_dropped": self.outbox.dropped(),
+            "last_seq": self.outbox.last_seq(),
+            "tpm2_openssl": provider.version if provider else None,
+            "errors": list(self.errors),
+        }
+
+    def _write_status(self) -> None:
+        status = self.status()
+        write_status(self.config.paths.state_dir, status)
+        connected = "connected" if status["connected"] else "not connected"
+        self.notifier.status(f"{status['state']}, {connected}, outbox {status['outbox_depth']}")
+
+    def command(self, name: str, payload: bytes) -> dict[str, Any]:
+        if name == "ping":
+            return {"ok": True, "pong": time.time()}
+        if name == "status":
+            return {"ok": True, "status": self.status()}
+        if name == "renew-now":
+            self.renew_requested.set()
+            return {"ok": True, "accepted": "renew"}
+        return {"ok": False, "error": f"unknown command {name!r}"}

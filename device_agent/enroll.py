@@ -1,0 +1,109 @@
+"""Getting a certificate for a fresh TPM key: first enrollment, renewal, recovery.
+
+Each path makes a new key inside the TPM, has the TPM sign the CSR, and asks
+the EST server over mutual TLS with the credential that path is entitled to
+use (bootstrap, current, or expired-current on the recovery listener). The
+issued certificate is checked against what we asked for before it is staged
+as a new credential generation. Retries use tenacity with full jitter and
+never wait less than the server's ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import tenacity
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from .config import AgentConfig
+from .credentials import CredentialStore, Generation
+from .errors import ESTError
+from .est import ESTClient, ESTReply
+from .lifecycle import full_jitter
+from .tls import client_context
+from .tpm import TPM, KeyBlob, build_csr
+
+log = logging.getLogger(__name__)
+
+EnrollCall = Callable[[ESTClient, x509.CertificateSigningRequest], ESTReply]
+
+
+class Enroller:
+    def __init__(self, config: AgentConfig, tpm: TPM, store: CredentialStore,
+                 stop: threading.Event, backoff_base: float = 2.0) -> None:
+        self.config = config
+        self.tpm = tpm
+        self.store = store
+        self.stop = stop
+        self.backoff_base = backoff_base
+        self.last_server_date: datetime | None = None
+
+    def _client(self, url: str, cert: Path, key: Path) -> ESTClient:
+        context = client_context(certfile=cert, keyfile=key, cafile=self.config.paths.server_trust,
+                                 tcti=self.config.device.tcti)
+        return ESTClient(url, context, self.config.est.timeout)
+
+    def enroll(self, attempts: int | None = None) -> Generation:
+        """First boot: authenticate with the factory bootstrap credential."""
+        paths = self.config.paths
+        client = self._client(self.config.est.url, paths.bootstrap_cert, paths.bootstrap_key)
+        return self._obtain(client, ESTClient.simpleenroll, "simpleenroll", attempts)
+
+    def renew(self, current: Generation, attempts: int | None = None) -> Generation:
+        """Before expiry: authenticate with the current operational credential."""
+        client = self._client(self.config.est.url, current.cert_path, current.key_path)
+        return self._obtain(client, ESTClient.simplereenroll, "simplereenroll", attempts)
+
+    def _obtain(self, client: ESTClient, call: EnrollCall, name: str,
+                attempts: int | None) -> Generation:
+        blob = self.tpm.create_key()
+        with self.tpm.loaded(blob) as key:
+            csr = build_csr(key, self.config.device.id)
+        reply = self._retrying(lambda: call(client, csr), name, attempts)
+        self.last_server_date = reply.server_date
+        certificate = self._check(reply, blob)
+        generation = self.store.stage(blob, _pem(reply.certificates))
+        log.info("%s: certificate %x valid until %s staged as generation %d", name,
+                 certificate.serial_number, certificate.not_valid_after_utc, generation.number)
+        return generation
+
+    def _retrying(self, call: Callable[[], ESTReply], name: str,
+                  attempts: int | None) -> ESTReply:
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            hint = error.retry_after if isinstance(error, ESTError) else None
+            delay = max(full_jitter(state.attempt_number, self.backoff_base,
+                                    self.config.renewal.retry_max), hint or 0.0)
+            log.warning("%s failed (%s); retrying in %.1fs", name, error, delay)
+            return delay
+
+        stop = tenacity.stop_any(
+            tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never,
+            lambda _state: self.stop.is_set(),
+        )
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, ESTError) and e.retryable),
+            wait=wait, stop=stop, sleep=self.stop.wait, reraise=True,
+        )
+        return retrying(call)
+
+    def _check(self, reply: ESTReply, blob: KeyBlob) -> x509.Certificate:
+        """The first certificate must be ours: our name and the key the TPM just made."""
+        certificate = reply.certificates[0]
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names or names[0].value != self.config.device.id:
+            raise ESTError(f"EST server issued a certificate for {certificate.subject}, "
+                           f"not {self.config.device.id}", 200)
+        if certificate.public_key() != blob.public_key():
+            raise ESTError("EST server issued a certificate for another key", 200)
+        return certificate
+
+
+def _pem(certificates: tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certificates)

@@ -1,0 +1,79 @@
+"""When to enroll, renew or recover: pure functions of (certificate times, now, policy).
+
+No I/O here, so every decision is tested without a TPM, a server or a clock.
+Jitter spreads a fleet's renewals so devices certified together do not all
+come back to the EST server in the same second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import random
+from dataclasses import dataclass
+
+
+class State(enum.Enum):
+    UNPROVISIONED = "unprovisioned"
+    BOOTSTRAPPED = "bootstrapped"
+    ENROLLING = "enrolling"
+    OPERATIONAL = "operational"
+    RENEWING = "renewing"
+    EXPIRED = "expired"
+    RECOVERING = "recovering"
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    RENEW = "renew"
+    RECOVER = "recover"
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """Renew at ``fraction`` of the lifetime plus up to ``jitter`` of it, drawn per certificate."""
+
+    fraction: float = 2 / 3
+    jitter: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        if not 0 <= self.jitter < 1 - self.fraction:
+            raise ValueError("jitter must be >= 0 and end before expiry")
+
+
+@dataclass(frozen=True)
+class Validity:
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @property
+    def lifetime(self) -> dt.timedelta:
+        return self.not_after - self.not_before
+
+
+def renewal_time(validity: Validity, policy: RenewalPolicy, draw: float) -> dt.datetime:
+    """The moment to renew; ``draw`` in [0, 1) picks the jitter (fixed per certificate)."""
+    if not 0 <= draw < 1:
+        raise ValueError(f"draw must be in [0, 1), got {draw}")
+    return validity.not_before + validity.lifetime * (policy.fraction + policy.jitter * draw)
+
+
+def decide(validity: Validity, now: dt.datetime, policy: RenewalPolicy, draw: float) -> Action:
+    if now >= validity.not_after:
+        return Action.RECOVER
+    if now >= renewal_time(validity, policy, draw):
+        return Action.RENEW
+    return Action.NONE
+
+
+def seconds_until_renewal(validity: Validity, now: dt.datetime, policy: RenewalPolicy,
+                          draw: float) -> float:
+    return max(0.0, (renewal_time(validity, policy, draw) - now).total_seconds())
+
+
+def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return (rng or random).uniform(0, ceiling)

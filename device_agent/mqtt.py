@@ -1,0 +1,278 @@
+"""The MQTT 5 link to the broker: one credential generation, reconnects with full jitter.
+
+paho-mqtt takes a TLS context once per client, and a rotation brings a new
+certificate, so every connection attempt gets a fresh ``paho.Client`` built
+from the link's context. The durable outbox is the only record of what is
+unacknowledged: each new connection publishes what the outbox still holds,
+and a message leaves the outbox only when the broker's PUBACK says success.
+Losing a connection therefore loses nothing and duplicates at most the
+messages whose PUBACK was lost (at-least-once; consumers de-duplicate on seq).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .lifecycle import full_jitter
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 24 * 3600
+# CONNACK reasons that mean "not now": back off longer before trying again.
+BUSY_REASONS = {"Server busy", "Server unavailable", "Quota exceeded",
+                "Connection rate exceeded"}
+MOVED_REASONS = {"Use another server", "Server moved"}
+REFUSED_REASONS = {"Not authorized", "Bad user name or password", "Banned",
+                   "Client identifier not valid"}
+
+
+class OutboxLike(Protocol):
+    def pending(self, limit: int = ..., after_seq: int | None = ...) -> list[Any]: ...
+    def ack(self, seq: int) -> None: ...
+
+
+@dataclass
+class LinkStats:
+    """Counters for status output; updated from the link's thread."""
+
+    connects: int = 0
+    connect_failures: int = 0
+    published: int = 0
+    acked: int = 0
+    refused_publishes: int = 0
+    last_error: str = ""
+    last_connack: str = ""
+    connected_since: float | None = None
+    history: list[str] = field(default_factory=list)
+
+    def error(self, message: str) -> None:
+        self.last_error = message
+        self.history = (self.history + [f"{time.strftime('%H:%M:%S')} {message}"])[-10:]
+
+
+CommandHandler = Callable[[str, bytes], dict[str, Any]]
+
+
+class MQTTLink:
+    """Keeps one device connected with one TLS context until stopped."""
+
+    def __init__(self, *, device_id: str, host: str, port: int, keepalive: int,
+                 context: ssl.SSLContext, outbox: OutboxLike, inflight: int,
+                 on_command: CommandHandler, status: Callable[[], dict[str, Any]],
+                 on_refused: Callable[[str], None] | None = None,
+                 backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
+        self.device_id = device_id
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.context = context
+        self.outbox = outbox
+        self.inflight_limit = inflight
+        self.on_command = on_command
+        self.status = status
+        self.on_refused = on_refused
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.stats = LinkStats()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._hold_delay: float | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._published_up_to = 0
+        self._client: paho.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def topic_base(self) -> str:
+        return f"devices/{self.device_id}"
+
+    def start(self) -> MQTTLink:
+        self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: float = 0.0) -> None:
+        """Wait up to ``drain`` seconds for in-flight messages, say offline, disconnect."""
+        deadline = time.monotonic() + drain
+        while drain and self.connected.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                if not self._inflight and not self.outbox.pending(1, self._published_up_to):
+                    break
+            time.sleep(0.05)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "ts": time.time(), **self.status()}).encode()
+
+    def _new_client(self) -> paho.Client:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                             protocol=paho.MQTTv5)
+        client.tls_set_context(self.context)
+        client.max_inflight_messages_set(self.inflight_limit)
+        client.will_set(f"{self.topic_base}/status", json.dumps({"state": "offline"}), qos=1,
+                        retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            delay = self._connect_once()
+            if self._stop.is_set():
+                break
+            attempt = 0 if delay is None else attempt + 1
+            wait = max(full_jitter(attempt, self.backoff_base, self.backoff_cap), delay or 0.0)
+            log.info("reconnecting in %.1fs", wait)
+            self._stop.wait(wait)
+
+    def _connect_once(self) -> float | None:
+        """One connection, kept until it ends; returns a minimum delay before the next."""
+        client = self._new_client()
+        self._client = client
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY
+        try:
+            client.connect(self.host, self.port, self.keepalive, clean_start=False,
+                           properties=properties)
+        except (OSError, ssl.SSLError) as exc:
+            self.stats.connect_failures += 1
+            self.stats.error(f"connect to {self.host}:{self.port} failed: {exc}")
+            log.warning("MQTT connect to %s:%d failed: %s", self.host, self.port, exc)
+            return 0.0
+        self._hold_delay = None
+        connack_deadline = time.monotonic() + self.keepalive
+        try:
+            while not self._stop.is_set() and client.socket() is not None:
+                client.loop(timeout=0.1)
+                if self.connected.is_set():
+                    self._pump(client)
+                elif self._hold_delay is not None or time.monotonic() > connack_deadline:
+                    break
+            if self._stop.is_set() and self.connected.is_set():
+                info = client.publish(f"{self.topic_base}/status",
+                                      self._status_payload("offline"), qos=1, retain=True)
+                deadline = time.monotonic() + 2
+                while not info.is_published() and time.monotonic() < deadline:
+                    client.loop(timeout=0.05)
+                client.disconnect()
+                client.loop(timeout=0.1)
+        except (OSError, ssl.SSLError) as exc:
+            self.stats.error(f"connection lost: {exc}")
+        finally:
+            self._lost()
+            if client.socket() is not None:
+                client.disconnect()
+        return self._hold_delay
+
+    def _lost(self) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        self.stats.connected_since = None
+        with self._lock:
+            self._inflight.clear()
+            self._published_up_to = 0
+        if was_connected:
+            log.info("MQTT connection closed")
+
+    def _pump(self, client: paho.Client) -> None:
+        with self._lock:
+            room = self.inflight_limit - len(self._inflight)
+            if room <= 0:
+                return
+            batch = self.outbox.pending(room, self._published_up_to)
+            for message in batch:
+                topic = f"{self.topic_base}/{message.topic_suffix}"
+                info = client.publish(topic, message.payload, qos=1)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    break
+                self._inflight[info.mid] = message.seq
+                self._published_up_to = message.seq
+                self.stats.published += 1
+
+    # paho callbacks, on the link's thread
+
+    def _on_connect(self, client: paho.Client, _userdata: object, _flags: object,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        self.stats.last_connack = str(reason)
+        if reason.is_failure:
+            self.stats.connect_failures += 1
+            self.stats.error(f"broker refused the connection: {reason}")
+            log.warning("broker refused the connection: %s", reason)
+            name = str(reason)
+            if name in BUSY_REASONS:
+                self._hold_delay = 30.0
+            elif name in MOVED_REASONS:
+                reference = getattr(properties, "ServerReference", None)
+                if reference:
+                    host, _, port = reference.partition(":")
+                    log.warning("broker asks us to use %s", reference)
+                    self.host, self.port = host, int(port or self.port)
+                self._hold_delay = 1.0
+            else:
+                self._hold_delay = 10.0
+                if name in REFUSED_REASONS and self.on_refused:
+                    self.on_refused(name)
+            return
+        self.stats.connects += 1
+        self.stats.connected_since = time.time()
+        client.publish(f"{self.topic_base}/status", self._status_payload("online"), qos=1,
+                       retain=True)
+        client.subscribe(f"{self.topic_base}/commands/#", qos=1)
+        self.connected.set()
+        log.info("MQTT connected to %s:%d", self.host, self.port)
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
+                       reason: ReasonCode, _properties: Properties | None) -> None:
+        if reason.is_failure:
+            self.stats.error(f"disconnected: {reason}")
+            log.warning("MQTT disconnected: %s", reason)
+
+    def _on_publish(self, _client: paho.Client, _userdata: object, mid: int,
+                    reason: ReasonCode, _properties: Properties | None) -> None:
+        with self._lock:
+            seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return
+        if reason.is_failure:
+            self.stats.refused_publishes += 1
+            self.stats.error(f"broker refused message seq {seq}: {reason}")
+            log.error("broker refused message seq %d: %s; kept in the outbox", seq, reason)
+            return
+        self.outbox.ack(seq)
+        self.stats.acked += 1
+
+    def _on_message(self, client: paho.Client, _userdata: object,
+                    message: paho.MQTTMessage) -> None:
+        prefix = f"{self.topic_base}/commands/"
+        if not message.topic.startswith(prefix):
+            return
+        command = message.topic[len(prefix):]
+        try:
+            answer = self.on_command(command, message.payload)
+        except Exception as exc:  # noqa: BLE001 - a failing command must not kill the link
+            log.exception("command %s failed", command)
+            answer = {"ok": False, "error": str(exc)}
+        properties = message.properties
+        response_topic = getattr(properties, "ResponseTopic", None)
+        if not response_topic:
+            return
+        reply = Properties(PacketTypes.PUBLISH)
+        correlation = getattr(properties, "CorrelationData", None)
+        if correlation is not None:
+            reply.CorrelationData = correlation
+        client.publish(response_topic, json.dumps(answer).encode(), qos=1, properties=reply)
