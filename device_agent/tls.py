@@ -1,22 +1,25 @@
 """TLS client contexts whose private key stays in the TPM (tpm2-openssl provider).
 
 Python's ``ssl`` uses the process's default OpenSSL library context, so the
-provider is loaded into it once per process, after the ``default`` provider, with
-one default property query: ``?tpm2.signature=yes``. It prefers the TPM only for
-signature operations. Key exchange, digests, ciphers and randomness stay on the
-CPU; so does verifying the server's chain when the server side signs with
-Ed25519, which tpm2-openssl does not implement (our PKI does, see
-provisioning/pki.py). One handshake then costs the TPM a TPM2_Hash and a
-TPM2_Sign and a single transient object, which fits the kernel resource
-manager's three. The same query is used for every provider version: 1.1.1
-(Debian 12) exports only the public half of a TPM key, so a default-first
-query would sign with a key copy that has no private part; 1.2 and later
-refuse the export and fall back to the TPM, where the query changes nothing.
+provider is loaded into it once per process, after the ``default`` provider.
+What else is needed depends on the provider's version, detected at load time;
+the code path is the same, only the property query differs:
 
-A consequence to know: once the provider is active, an EC key held in a
-*file* cannot sign a TLS handshake in the same process with tpm2-openssl 1.1.1
-(the TPM provider is preferred and cannot use it). Processes that need file
-keys (servers, baselines) run without the provider.
+* tpm2-openssl >= 1.2 (Debian 13): no query. OpenSSL first tries the default
+  provider, whose attempt to export the TPM key fails, and falls back to the
+  key's own provider for the signature. Everything else stays on the CPU and
+  keys held in files keep working in the same process.
+* tpm2-openssl 1.1.1 (Debian 12) exports only the public half of a TPM key, so
+  the default provider would sign with a key that has no private part. The
+  query ``?tpm2.signature=yes`` prefers the TPM for signature operations only.
+  Verifying the server's chain is a signature operation too, which is why the
+  operator's root and server certificates are Ed25519 (provisioning/pki.py):
+  tpm2-openssl does not implement it, so it stays on the CPU. The price: a key
+  held in a file can no longer sign a handshake in that process.
+
+Either way one TLS 1.3 handshake costs the TPM ECC_Parameters, Hash and Sign
+and a single transient object, within the kernel resource manager's three
+(measured with the pcap TCTI: tests/test_tls.py, benchmarks/bench_tls.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from pathlib import Path
 
 from .errors import TLSSetupError
 
-TPM_PROPERTY_QUERY = "?tpm2.signature=yes"
+SIGNATURE_ONLY_QUERY = "?tpm2.signature=yes"
+FIXED_EXPORT_VERSION = (1, 2)
 TSS2_PEM_MARKER = b"-----BEGIN TSS2 PRIVATE KEY-----"
 _OSSL_PARAM_UTF8_PTR = 6
 
@@ -42,6 +46,20 @@ class ProviderInfo:
     version: str
     tcti: str
     property_query: str
+
+    @property
+    def file_keys_usable(self) -> bool:
+        """Whether a key held in a file can still sign handshakes in this process."""
+        return not self.property_query
+
+
+def property_query_for(version: str) -> str:
+    """The default property query a provider version needs (see the module docstring)."""
+    try:
+        parsed = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return SIGNATURE_ONLY_QUERY
+    return "" if parsed >= FIXED_EXPORT_VERSION else SIGNATURE_ONLY_QUERY
 
 
 class _OSSLParam(ctypes.Structure):
@@ -114,9 +132,11 @@ def enable_tpm_provider(tcti: str) -> ProviderInfo:
                 "cannot load the tpm2 OpenSSL provider (install Debian's tpm2-openssl): "
                 + _openssl_errors(lib)
             )
-        if not lib.EVP_set_default_properties(None, TPM_PROPERTY_QUERY.encode()):
+        version = _provider_version(lib, provider)
+        query = property_query_for(version)
+        if query and not lib.EVP_set_default_properties(None, query.encode()):
             raise TLSSetupError(f"cannot set property query: {_openssl_errors(lib)}")
-        _active = ProviderInfo(_provider_version(lib, provider), tcti, TPM_PROPERTY_QUERY)
+        _active = ProviderInfo(version, tcti, query)
         return _active
 
 
