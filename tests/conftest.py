@@ -53,6 +53,13 @@ def raw_swtpm(tmp_path: Path) -> Iterator[SoftwareTPM]:
         yield tpm
 
 
+@pytest.fixture
+def key_file(tmp_path: Path, swtpm: SoftwareTPM) -> Path:
+    """A fresh TPM key blob written as a TSS2 key file."""
+    with TPM(swtpm.tcti) as tpm:
+        return tpm.create_key().write(tmp_path / "key.tss")
+
+
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> pki.PKIPaths:
     return pki.init_pki(tmp_path_factory.mktemp("pki"))

@@ -45,12 +45,6 @@ def attributes(readpublic_output: str) -> set[str]:
     return set(field(readpublic_output, "attributes").split("|"))
 
 
-@pytest.fixture
-def key_file(tmp_path: Path, swtpm: SoftwareTPM) -> Path:
-    with TPM(swtpm.tcti) as tpm:
-        return tpm.create_key().write(tmp_path / "key.tss")
-
-
 def test_storage_root_key_is_a_persistent_ecc_storage_primary(swtpm: SoftwareTPM) -> None:
     with TPM(swtpm.tcti) as tpm:
         tpm.storage_root_key()
