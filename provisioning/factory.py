@@ -1,0 +1,197 @@
+"""The factory line: give one device its bootstrap identity, or a CSV line of them.
+
+For a device: make sure its TPM has the storage root key, create the bootstrap
+key inside it, have the Factory CA certify a CSR the TPM signed, write what the
+agent needs (bootstrap certificate, key blob, trust anchor, agent.toml) and
+allowlist the device in the registry. Everything is checked before anything is
+written, the files are assembled in a temporary directory and moved into place
+in one rename, so a refusal or a crash leaves no partial identity behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from device_agent._files import fsync_dir, write_private
+from device_agent.config import (
+    AgentConfig,
+    APISection,
+    DeviceSection,
+    ESTSection,
+    MQTTSection,
+    PathsSection,
+    render_toml,
+)
+from device_agent.errors import IdentityError
+from device_agent.identity import validate_device_id
+from device_agent.tpm import TPM, build_csr
+
+from . import pki
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_LIFETIME = dt.timedelta(days=15 * 365)
+FILES = ("agent.toml", "bootstrap.pem", "bootstrap.tss", "trust.pem", "identity.json")
+
+
+class FactoryError(IdentityError):
+    """A device could not be provisioned; nothing was written for it."""
+
+
+class BootstrapSigner(Protocol):
+    """Who certifies bootstrap keys: the line's local Factory CA, or a remote service."""
+
+    def sign(self, csr: x509.CertificateSigningRequest, device_id: str) -> x509.Certificate: ...
+
+
+class LocalFactoryCA:
+    """The Factory CA's key in a local PKI directory (passphrase-protected if set)."""
+
+    def __init__(self, pki_paths: pki.PKIPaths, passphrase: bytes | None = None) -> None:
+        key_path = pki_paths.factory_ca / "ca.key"
+        if not key_path.is_file():
+            raise FactoryError(f"Factory CA key missing: {key_path}")
+        try:
+            self.authority = pki.read_authority(pki_paths.factory_ca, passphrase)
+        except (TypeError, ValueError) as exc:
+            raise FactoryError(f"Factory CA key locked or unreadable ({key_path}): {exc}") from exc
+
+    def sign(self, csr: x509.CertificateSigningRequest, device_id: str) -> x509.Certificate:
+        if not csr.is_signature_valid:
+            raise FactoryError("CSR signature does not verify")
+        return self.authority.issue_client(device_id, csr.public_key(), BOOTSTRAP_LIFETIME)
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """What every device on a line shares: where it will enroll and publish."""
+
+    est_url: str
+    broker_host: str
+    broker_port: int
+    server_trust: Path
+    state_dir: Path = Path("/var/lib/device-agent")
+    installed_dir: Path | None = None  # where out_dir will live on the device, if elsewhere
+    api_socket: Path | None = Path("/run/device-agent/api.sock")
+
+
+@dataclass(frozen=True)
+class Summary:
+    device_id: str
+    bootstrap_serial: str
+    bootstrap_fingerprint_sha256: str
+    public_key_pem: str
+    tcti: str
+    files: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+Registrar = Callable[[str, x509.Certificate, x509.Certificate | None], None]
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _summary(device_id: str, tcti: str, out_dir: Path, cert: x509.Certificate) -> Summary:
+    public = cert.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Summary(device_id, f"{cert.serial_number:x}", fingerprint(cert), public.decode(), tcti,
+                   {name: str(out_dir / name) for name in FILES})
+
+
+def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None:
+    """(device ID, bootstrap certificate, TCTI) already in ``out_dir``, if any."""
+    marker = out_dir / "identity.json"
+    if not marker.exists():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+        cert = x509.load_pem_x509_certificate((out_dir / "bootstrap.pem").read_bytes())
+        return str(record["device_id"]), cert, str(record["tcti"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise FactoryError(f"{out_dir} holds an unreadable identity: {exc}") from exc
+
+
+def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
+              line: LineSettings, register: Registrar, *, force: bool = False) -> Summary:
+    """Provision one device; idempotent unless ``force``."""
+    try:
+        validate_device_id(device_id)
+    except ValueError as exc:
+        raise FactoryError(str(exc)) from exc
+    out_dir = out_dir.absolute()
+    previous = existing_identity(out_dir)
+    if previous is not None:
+        known_id, known_cert, known_tcti = previous
+        if known_id != device_id:
+            raise FactoryError(f"{out_dir} holds the identity of {known_id}, not {device_id}")
+        if not force:
+            return _summary(device_id, known_tcti, out_dir, known_cert)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise FactoryError(f"{out_dir} is not empty and holds no device identity")
+
+    with TPM(tcti) as tpm:
+        blob = tpm.create_key()
+        with tpm.loaded(blob) as key:
+            csr = build_csr(key, device_id)
+    cert = signer.sign(csr, device_id)
+    if cert.public_key() != blob.public_key():
+        raise FactoryError("the Factory CA certified a different key")
+
+    installed = line.installed_dir or out_dir
+    config = AgentConfig(
+        device=DeviceSection(device_id, tcti),
+        paths=PathsSection(line.state_dir, installed / "bootstrap.pem",
+                           installed / "bootstrap.tss", installed / "trust.pem"),
+        est=ESTSection(line.est_url),
+        mqtt=MQTTSection(line.broker_host, line.broker_port),
+        api=APISection(line.api_socket),
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_private(staging / "bootstrap.tss", blob.pem)
+        write_private(staging / "bootstrap.pem", pki.cert_pem(cert), 0o644)
+        write_private(staging / "trust.pem", line.server_trust.read_bytes(), 0o644)
+        write_private(staging / "agent.toml", render_toml(config).encode(), 0o644)
+        write_private(staging / "identity.json",
+                      json.dumps({"device_id": device_id, "tcti": tcti,
+                                  "bootstrap_serial": f"{cert.serial_number:x}"}).encode(), 0o644)
+        os.chmod(staging, 0o750)
+        register(device_id, cert, previous[1] if previous else None)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _summary(device_id, tcti, out_dir, cert)
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` with renames only; the old one goes last."""
+    retired = None
+    if out_dir.exists():
+        retired = out_dir.with_name(f".{out_dir.name}.retired")
+        if retired.exists():
+            shutil.rmtree(retired)
+        os.replace(out_dir, retired)
+    os.replace(staging, out_dir)
+    fsync_dir(out_dir.parent)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
