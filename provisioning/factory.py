@@ -174,7 +174,7 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
         write_private(staging / "identity.json",
                       json.dumps({"device_id": device_id, "tcti": tcti,
                                   "bootstrap_serial": f"{cert.serial_number:x}"}).encode(), 0o644)
-        os.chmod(staging, 0o750)
+        os.chmod(staging, 0o750)  # noqa: S103 - the agent group traverses it
         register(device_id, cert, previous[1] if previous else None)
         _swap_into_place(staging, out_dir)
     except BaseException:
