@@ -126,3 +126,56 @@ def broker(tmp_path_factory: pytest.TempPathFactory, pki_dir: pki.PKIPaths) -> I
     config = write_config(settings, directory)
     with Mosquitto(directory, config, port) as mosquitto:
         yield mosquitto
+
+
+# --- broker configuration ---
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from broker_config.deploy import BrokerLayout, render_broker  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RenderedBroker:
+    """A broker directory rendered by ``broker-config`` and the Mosquitto running it."""
+
+    layout: BrokerLayout
+    mosquitto: Mosquitto
+
+    @property
+    def port(self) -> int:
+        return self.mosquitto.port
+
+
+@contextmanager
+def rendered_broker(paths: pki.PKIPaths) -> Iterator[RenderedBroker]:
+    """Render and run a broker as shipped: started as root, dropped to ``mosquitto``.
+
+    pytest's temp directories are 0700 root, which the ``mosquitto`` user cannot
+    traverse, so the broker directory lives in a directory of its own, removed after.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="broker-test-"))
+    try:
+        parent.chmod(0o755)
+        port = free_port()
+        layout = render_broker(paths, parent / "broker", port=port, backend_identity=BACKEND_ID)
+        with Mosquitto(parent, layout.conf, port) as mosquitto:
+            yield RenderedBroker(layout, mosquitto)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shipped_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
+    """One rendered broker shared by the tests that do not change its state."""
+    with rendered_broker(pki_dir) as broker:
+        yield broker
+
+
+@pytest.fixture
+def revocable_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
+    """A rendered broker of its own, for tests that revoke and reload."""
+    with rendered_broker(pki_dir) as broker:
+        yield broker

@@ -1,0 +1,21 @@
+"""The broker-configuration branch of the project's exceptions."""
+
+from __future__ import annotations
+
+from device_agent.errors import IdentityError
+
+
+class BrokerConfigError(IdentityError):
+    """A broker configuration could not be rendered, installed or applied."""
+
+
+class RevocationError(BrokerConfigError):
+    """A revocation could not be enforced on the running broker.
+
+    ``step`` names what failed (``crl``, ``reload``, ``kick``) so the caller
+    knows whether the device may still hold a session.
+    """
+
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step

@@ -1,0 +1,176 @@
+"""Revocation that bites on a running Mosquitto: refuse new sessions, end the live one.
+
+Measured on Mosquitto 2.0.11 (Debian 12, OpenSSL 3.0): SIGHUP re-reads
+``crlfile`` into the listener's existing X509 store, so new handshakes with a
+revoked certificate fail while other clients keep connecting; but a reload
+never touches live sessions. The dynamic security plugin can end them: its
+``disableClient`` kicks every session whose username (our certificate CN)
+matches. With ``use_identity_as_username`` the plugin is never asked to
+authenticate, so "disabled" alone would not stop a reconnect; the CRL does
+that, and the deny-all role given to the revoked name is the second wall if a
+CRL reload were ever lost.
+
+Order matters: CRL first, then SIGHUP, then the kick. The admin session needs
+a TLS handshake (several turns of the broker's loop) before its command is
+read, and the broker applies a pending reload at the end of every turn, so
+by the time the device is kicked its reconnect already meets the new CRL.
+
+Mosquitto adds each reloaded CRL to the store and OpenSSL picks, among CRLs
+of one issuer, the one with the latest thisUpdate: a new CRL must therefore
+carry a strictly later thisUpdate than the installed one, or it may be ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ._install import Owner, install
+from .deploy import BrokerLayout, Manifest
+from .dynsec import AdminCredentials, admin_session
+from .errors import BrokerConfigError, RevocationError
+
+REVOKED_ROLE = "revoked"
+_DENY_ALL = [{"acltype": kind, "topic": "#", "priority": 0, "allow": False}
+             for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")]
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What ``enforce`` did, with its wall-clock cost."""
+
+    device_id: str
+    crl_number: int | None
+    broker_pid: int
+    seconds: float
+
+
+def _load_crl(data: bytes) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise RevocationError(f"not a PEM CRL: {exc}", "crl") from exc
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None
+              ) -> x509.CertificateRevocationList:
+    """Refuse a CRL the broker would not use: wrong signer, stale, or not newer."""
+    crl = _load_crl(crl_pem)
+    issuer = x509.load_pem_x509_certificates(layout.client_ca.read_bytes())[0]
+    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+        raise RevocationError("the CRL is not signed by the broker's client CA", "crl")
+    now = dt.datetime.now(dt.UTC)
+    if crl.next_update_utc is not None and crl.next_update_utc <= now:
+        raise RevocationError("the CRL is past its nextUpdate: the broker would refuse "
+                              "every device", "crl")
+    if serial is not None and crl.get_revoked_certificate_by_serial_number(serial) is None:
+        raise RevocationError(f"serial {serial:x} is not on the CRL", "crl")
+    installed = layout.crl.read_bytes() if layout.crl.exists() else b""
+    if installed and installed != crl_pem:
+        if crl.last_update_utc <= _load_crl(installed).last_update_utc:
+            raise RevocationError("the CRL's thisUpdate is not later than the installed one; "
+                                  "Mosquitto could keep using the old CRL", "crl")
+    return crl
+
+
+def install_crl(layout: BrokerLayout, crl_pem: bytes) -> None:
+    """Replace the broker's CRL atomically, keeping its owner and mode."""
+    stat = layout.crl.stat()
+    install(layout.crl, crl_pem, Owner(stat.st_uid, stat.st_gid), stat.st_mode & 0o777)
+
+
+def broker_pid(layout: BrokerLayout) -> int:
+    """The running broker's pid from its pid file, checked against /proc."""
+    try:
+        pid = int(layout.pid_file.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError) as exc:
+        raise RevocationError(f"no running broker for {layout.base}: {exc}", "reload") from exc
+    if comm != "mosquitto":
+        raise RevocationError(f"pid {pid} in {layout.pid_file} is {comm!r}", "reload")
+    return pid
+
+
+def reload_broker(layout: BrokerLayout) -> int:
+    """SIGHUP: the broker re-reads config, ACL, certificates and CRL; returns its pid."""
+    pid = broker_pid(layout)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "reload") from exc
+    return pid
+
+
+def block_commands(device_id: str) -> list[dict[str, Any]]:
+    """Plugin commands that fence ``device_id`` off and end its sessions; idempotent."""
+    return [
+        {"command": "createRole", "rolename": REVOKED_ROLE, "acls": _DENY_ALL,
+         "textdescription": "revoked certificate: no access"},
+        {"command": "deleteClient", "username": device_id},
+        {"command": "createClient", "username": device_id,
+         "roles": [{"rolename": REVOKED_ROLE, "priority": 1000}],
+         "textdescription": "revoked certificate"},
+        {"command": "disableClient", "username": device_id},
+    ]
+
+
+_TOLERATED = {"createRole": "Role already exists", "deleteClient": "Client not found"}
+
+
+def admin_credentials(layout: BrokerLayout) -> AdminCredentials:
+    manifest = Manifest.read(layout)
+    return AdminCredentials(manifest.host, manifest.port, layout.admin_cert, layout.admin_key,
+                            layout.server_trust)
+
+
+def kick(layout: BrokerLayout, device_id: str, timeout: float = 5.0) -> None:
+    """End every live session of ``device_id`` and leave it a deny-all role."""
+    creds = admin_credentials(layout)
+    try:
+        with admin_session(creds, Manifest.read(layout).admin_identity, timeout) as session:
+            replies = session.run(block_commands(device_id), timeout)
+    except BrokerConfigError as exc:
+        raise RevocationError(f"kick of {device_id} failed: {exc}", "kick") from exc
+    for reply in replies:
+        if reply.error and reply.error != _TOLERATED.get(reply.command):
+            raise RevocationError(f"{reply.command} for {device_id}: {reply.error}", "kick")
+
+
+def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | None = None,
+            timeout: float = 5.0) -> Enforcement:
+    """Make a revocation bite on the broker rendered in ``broker_dir``.
+
+    Installs ``crl_pem`` (the Device CA's CRL listing the revoked certificate,
+    ``serial`` if given), reloads the broker so new handshakes meet it, then
+    ends the device's live sessions. Safe to repeat with the same CRL.
+    Raises ``RevocationError`` whose ``step`` says how far it got.
+    """
+    started = time.monotonic()
+    layout = BrokerLayout(Path(broker_dir))
+    crl = check_crl(layout, crl_pem, serial)
+    install_crl(layout, crl_pem)
+    pid = reload_broker(layout)
+    kick(layout, device_id, timeout)
+    return Enforcement(device_id, _crl_number(crl), pid, time.monotonic() - started)
+
+
+def refresh_crl(broker_dir: Path, crl_pem: bytes) -> int:
+    """Install a re-issued CRL before the old one's nextUpdate, and reload; returns the pid."""
+    layout = BrokerLayout(Path(broker_dir))
+    check_crl(layout, crl_pem)
+    install_crl(layout, crl_pem)
+    return reload_broker(layout)
