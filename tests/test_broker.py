@@ -467,3 +467,25 @@ def test_a_revoked_name_is_denied_everything_even_if_a_handshake_got_through(
         assert b.next_message(QUIET) is None
     finally:
         close(b)
+
+
+# --- the cluster configuration (not run: no EMQX here) -----------------------------------
+
+
+def test_emqx_files_carry_the_same_model() -> None:
+    import broker_config
+
+    directory = Path(broker_config.__file__).parent
+    conf = (directory / "emqx.conf").read_text()
+    for setting in ("listeners.tcp.default.enable = false", "listeners.ws.default.enable = false",
+                    "listeners.wss.default.enable = false", "verify = verify_peer",
+                    "fail_if_no_peer_cert = true", 'versions = ["tlsv1.3", "tlsv1.2"]',
+                    "peer_cert_as_username = cn", "peer_cert_as_clientid = cn",
+                    "no_match = deny", "enable_crl_check = true", "client-ca.pem"):
+        assert setting in conf, setting
+    assert conf.count("{") == conf.count("}") and conf.count("[") == conf.count("]")
+    rules = [line for line in (directory / "emqx-acl.conf").read_text().splitlines()
+             if line and not line.startswith("%%")]
+    assert all(rule.startswith("{") and rule.endswith("}.") for rule in rules)
+    assert rules[-2:] == ['{allow, all, all, ["devices/${username}/#"]}.', "{deny, all}."]
+    assert rules[0].startswith('{allow, {username, "backend"}, subscribe,')
