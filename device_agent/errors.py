@@ -82,3 +82,23 @@ class CredentialError(IdentityError):
 
 class BrokerError(IdentityError):
     """The MQTT broker refused us or could not be reached."""
+
+
+class OutboxError(IdentityError):
+    """The durable outbox could not store, read or acknowledge a message."""
+
+
+class OutboxCorruptError(OutboxError):
+    """The outbox file is not a usable SQLite database; ``path`` names it."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class OutboxFullError(OutboxError):
+    """The outbox is full and its policy refuses new messages; ``seq`` was not kept."""
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
