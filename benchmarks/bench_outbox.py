@@ -1,0 +1,77 @@
+"""What durability costs: outbox puts/s and put+ack/s, synchronous=FULL versus NORMAL.
+
+The product always runs FULL (the WAL is fsynced at every commit, so a message
+``put`` returned survives power loss). NORMAL, measured here only for the
+comparison, fsyncs at checkpoints: a crash of the process loses nothing, a
+power cut can lose the last commits. Both modes run in the same process on
+the same file system; pass --dir to measure the device's real storage (tmpfs
+makes fsync free and the ratio meaningless).
+
+    .venv/bin/python benchmarks/bench_outbox.py [--seconds 3] [--dir /var/lib/device-agent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from device_agent.outbox import Outbox  # noqa: E402
+
+SAMPLE = {"load": [0.12, 0.3, 0.25], "mem_available_kb": 812_344, "temperature_c": 48.5}
+
+
+def rate(box: Outbox, seconds: float, op: Callable[[Outbox], None]) -> float:
+    """Operations per second, sequential, for about ``seconds``."""
+    count, start = 0, time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        op(box)
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def put(box: Outbox) -> None:
+    box.put("telemetry", SAMPLE)
+
+
+def put_ack(box: Outbox) -> None:
+    box.ack(box.put("telemetry", SAMPLE).seq)
+
+
+def measure(directory: Path, synchronous: str, seconds: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        with Outbox(Path(tmp) / "outbox.db", "bench-device") as box:
+            # The product has no switch for this; the benchmark reaches in on purpose.
+            box._db.execute(f"PRAGMA synchronous={synchronous}")
+            return {"put/s": rate(box, seconds, put), "put+ack/s": rate(box, seconds, put_ack)}
+
+
+def filesystem(directory: Path) -> str:
+    out = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True,
+                         check=False).stdout.splitlines()
+    return out[-1].split()[1] if len(out) > 1 else "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"),
+                        help="where the outbox file lives (default /var/tmp)")
+    args = parser.parse_args()
+    print(f"outbox in {args.dir} ({filesystem(args.dir)}), {args.seconds:g} s per figure")
+    results = {mode: measure(args.dir, mode, args.seconds) for mode in ("FULL", "NORMAL")}
+    print(f"{'':12}{'FULL':>12}{'NORMAL':>12}{'NORMAL/FULL':>14}")
+    for metric in ("put/s", "put+ack/s"):
+        full, normal = results["FULL"][metric], results["NORMAL"][metric]
+        print(f"{metric:12}{full:12.0f}{normal:12.0f}{normal / full:13.1f}x")
+
+
+if __name__ == "__main__":
+    main()
