@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from provisioning import pki
 
@@ -170,8 +170,8 @@ def empty_crl(authority: pki.Authority, lifetime: dt.timedelta = CRL_LIFETIME) -
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(authority.name)
                .last_update(now).next_update(now + lifetime))
-    return builder.sign(authority.key, pki._signing_hash(authority.key)).public_bytes(
-        serialization.Encoding.PEM)
+    digest = None if isinstance(authority.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(authority.key, digest).public_bytes(serialization.Encoding.PEM)
 
 
 def _admin_files(paths: pki.PKIPaths, name: str, passphrase: bytes | None) -> tuple[bytes, bytes]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._install import Owner, install
 from .deploy import BrokerLayout, Manifest
@@ -71,7 +72,10 @@ def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None
     """Refuse a CRL the broker would not use: wrong signer, stale, or not newer."""
     crl = _load_crl(crl_pem)
     issuer = x509.load_pem_x509_certificates(layout.client_ca.read_bytes())[0]
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+    key = issuer.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        raise RevocationError(f"client CA key type {type(key).__name__} not supported", "crl")
+    if crl.issuer != issuer.subject or not crl.is_signature_valid(key):
         raise RevocationError("the CRL is not signed by the broker's client CA", "crl")
     now = dt.datetime.now(dt.UTC)
     if crl.next_update_utc is not None and crl.next_update_utc <= now:

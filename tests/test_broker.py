@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from broker_config import revocation
 from broker_config.deploy import BrokerLayout, render_broker
@@ -98,7 +98,7 @@ def connect(creds: ClientFiles, trust: Path, port: int, client_id: str | None = 
         session.acks.put(("suback", [r.value for r in reasons]))
 
     def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        session.messages.put((message.topic, message.payload))
+        session.messages.put((message.topic, bytes(message.payload)))
 
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     client.on_publish, client.on_subscribe, client.on_message = on_publish, on_subscribe, on_message
@@ -171,7 +171,7 @@ def crl_with(authority: pki.Authority, serials: list[int], when: dt.datetime | N
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
-    crl = builder.sign(authority.key, pki._signing_hash(authority.key))
+    crl = builder.sign(authority.key, hashes.SHA256())  # the Device CA's key is EC P-256
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
