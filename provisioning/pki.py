@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent._files import write_private
 from device_agent.identity import device_uri, validate_device_id
+
+from .errors import PKIError
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -232,6 +235,19 @@ def read_authority(directory: Path, passphrase: bytes | None = None) -> Authorit
     return Authority(certs[0], key, tuple(certs[1:]))
 
 
+def open_authority(directory: Path, passphrase: bytes | None = None) -> Authority:
+    """:func:`read_authority` with its failures as :class:`PKIError` naming the directory."""
+    try:
+        return read_authority(directory, passphrase)
+    except FileNotFoundError as exc:
+        raise PKIError(f"no CA in {directory}: {exc.filename} is missing") from exc
+    except TypeError as exc:
+        hint = "a passphrase is needed" if passphrase is None else "no passphrase is set"
+        raise PKIError(f"cannot unlock the CA key in {directory}: {hint}") from exc
+    except ValueError as exc:
+        raise PKIError(f"cannot read the CA in {directory} (wrong passphrase?): {exc}") from exc
+
+
 def new_server_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
@@ -276,6 +292,16 @@ class PKIPaths:
     def server_key(self, name: str) -> Path:
         return self.servers / f"{name}.key"
 
+    @property
+    def crl(self) -> Path:
+        """The Device CA's CRL (PEM), what the broker's ``crlfile`` is a copy of."""
+        return self.device_ca / "crl.pem"
+
+    @property
+    def registry(self) -> Path:
+        """The default registry database, beside the CAs it records issuance of."""
+        return self.base / "registry.sqlite3"
+
 
 def issue_server_files(
     paths: PKIPaths,
@@ -312,3 +338,108 @@ def init_pki(
     for name in ("est", "broker"):
         issue_server_files(paths, name, hostnames, passphrase)
     return paths
+
+
+# --- revocation -------------------------------------------------------------------------
+
+CRL_LIFETIME = dt.timedelta(days=7)
+
+# removeFromCRL belongs to delta CRLs and certificateHold to a reversible hold; we
+# publish neither (a suspended device is refused by the registry, not the CRL).
+REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
+    flag.value: flag for flag in x509.ReasonFlags
+    if flag not in (x509.ReasonFlags.remove_from_crl, x509.ReasonFlags.certificate_hold)
+}
+
+
+def revocation_reason(text: str) -> x509.ReasonFlags:
+    """The RFC 5280 reason named ``text``: ``keyCompromise``, ``key-compromise``, ``superseded``."""
+    wanted = text.replace("-", "").replace("_", "").lower()
+    for name, flag in REVOCATION_REASONS.items():
+        if name.lower() == wanted:
+            return flag
+    raise ValueError(f"unknown revocation reason {text!r}: one of {', '.join(REVOCATION_REASONS)}")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One CRL entry: what the registry knows about a revoked certificate."""
+
+    serial: int
+    revoked_at: dt.datetime
+    reason: x509.ReasonFlags = x509.ReasonFlags.unspecified
+
+
+def build_crl(
+    authority: Authority,
+    revocations: Iterable[Revocation],
+    number: int,
+    this_update: dt.datetime,
+    lifetime: dt.timedelta = CRL_LIFETIME,
+) -> x509.CertificateRevocationList:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(authority.certificate.subject)
+        .last_update(this_update)
+        .next_update(this_update + lifetime)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+            critical=False,
+        )
+    )
+    for entry in revocations:
+        revoked = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+        )
+        if entry.reason is not x509.ReasonFlags.unspecified:  # RFC 5280: omit, not "unspecified"
+            revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
+        builder = builder.add_revoked_certificate(revoked.build())
+    return builder.sign(authority.key, _signing_hash(authority.key))
+
+
+def publish_crl(
+    authority: Authority,
+    revocations: Iterable[Revocation],
+    path: str | Path,
+    lifetime: dt.timedelta = CRL_LIFETIME,
+) -> x509.CertificateRevocationList:
+    """Write a new CRL over ``path`` atomically, following the one already there.
+
+    The CRL number goes up by one and thisUpdate is strictly later than the
+    previous CRL's: OpenSSL (and so Mosquitto, which adds every reloaded CRL to
+    its store) keeps the CRL with the latest thisUpdate, so a tie could leave
+    the older list in force. A thisUpdate in the future would make OpenSSL
+    reject the CRL, so a second publication within the same second waits.
+    """
+    target = Path(path)
+    number, this_update = 1, _now().replace(microsecond=0)
+    if target.exists():
+        try:
+            previous = x509.load_pem_x509_crl(target.read_bytes())
+        except ValueError as exc:
+            raise PKIError(f"{target} is not a PEM CRL; move it away to start over") from exc
+        try:
+            last = previous.extensions.get_extension_for_class(x509.CRLNumber).value
+            number = last.crl_number + 1
+        except x509.ExtensionNotFound:
+            pass
+        this_update = _later_than(previous.last_update_utc)
+    crl = build_crl(authority, revocations, number, this_update, lifetime)
+    write_private(target, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crl
+
+
+def _later_than(previous: dt.datetime, patience: float = 2.0) -> dt.datetime:
+    """The current second once it is past ``previous`` (CRL times have 1 s resolution)."""
+    deadline = time.monotonic() + patience
+    while True:
+        now = _now().replace(microsecond=0)
+        if now > previous:
+            return now
+        if time.monotonic() > deadline:
+            raise PKIError(f"the previous CRL's thisUpdate {previous} is in the future; "
+                           "check the clock")
+        time.sleep(0.05)
