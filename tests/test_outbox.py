@@ -201,7 +201,7 @@ def test_database_and_wal_are_private(tmp_path: Path) -> None:
     try:
         with Outbox(path, "dev-1") as box:
             box.put("t", {})
-            for name in ("o.db", "o.db-wal"):
+            for name in ("o.db", "o.db-wal", "o.db-shm"):
                 assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
     finally:
         os.umask(old)
