@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker_config.mosquitto import BrokerSettings, write_config
+from broker_config.deploy import render_broker
 from device_agent._files import write_private
 from provisioning import pki
 
@@ -45,14 +47,14 @@ class LocalStack(contextlib.ExitStack):
             self.pki = pki.init_pki(self.directory / "pki")
             self.device_ca = pki.read_authority(self.pki.device_ca)
             port = free_port()
-            settings = BrokerSettings(
-                port=port, client_ca=self.pki.device_ca / "chain.pem",
-                certfile=self.pki.server_cert("broker"), keyfile=self.pki.server_key("broker"),
-                data_dir=self.directory / "broker" / "data", backend_identity=BACKEND_ID,
-                user="root",
-            )
-            config = write_config(settings, self.directory / "broker")
-            self.broker = self.enter_context(Mosquitto(self.directory / "broker", config, port))
+            # The broker drops to the mosquitto user, which must traverse to its directory.
+            broker_parent = Path(tempfile.mkdtemp(prefix="broker-"))
+            self.callback(shutil.rmtree, broker_parent, ignore_errors=True)
+            broker_parent.chmod(0o755)  # noqa: S103 - holds only the broker's own directory
+            self.broker_layout = render_broker(self.pki, broker_parent / "broker", port=port,
+                                               backend_identity=BACKEND_ID)
+            self.broker = self.enter_context(
+                Mosquitto(broker_parent, self.broker_layout.conf, port))
         except BaseException:
             self.close()
             raise

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker_config.mosquitto import BrokerSettings, write_config
 from device_agent.tpm import TPM, KeyBlob
 from provisioning import pki
 from simulator.processes import DBusSession, Mosquitto, SoftwareTPM, free_port
@@ -111,21 +110,10 @@ def backend(tmp_path_factory: pytest.TempPathFactory, device_ca: pki.Authority) 
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory, pki_dir: pki.PKIPaths) -> Iterator[Mosquitto]:
-    directory = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    settings = BrokerSettings(
-        port=port,
-        client_ca=pki_dir.device_ca / "chain.pem",
-        certfile=pki_dir.server_cert("broker"),
-        keyfile=pki_dir.server_key("broker"),
-        data_dir=directory / "data",
-        backend_identity=BACKEND_ID,
-        user="root",
-    )
-    config = write_config(settings, directory)
-    with Mosquitto(directory, config, port) as mosquitto:
-        yield mosquitto
+def broker(pki_dir: pki.PKIPaths) -> Iterator[Mosquitto]:
+    """Mosquitto as ``broker-config render`` ships it, running as the mosquitto user."""
+    with rendered_broker(pki_dir) as rendered:
+        yield rendered.mosquitto
 
 
 # --- broker configuration ---

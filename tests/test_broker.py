@@ -114,6 +114,9 @@ def close(*sessions: Session) -> None:
     for session in sessions:
         session.client.disconnect()
         session.client.loop_stop()
+        # paho closes its wake-up socket pair only in __del__; the callbacks above make a
+        # reference cycle, and the cycle collector may finalize the sockets first.
+        session.client._reset_sockets()  # noqa: SLF001
 
 
 def log_since(broker: RenderedBroker, offset: int) -> str:
