@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -447,3 +447,14 @@ def open_registry(path: str | Path, busy_timeout: float = 10.0) -> Iterator[Regi
         yield Registry(db)
     finally:
         db.close()
+
+
+def registrar(path: str | Path) -> Callable[[str, x509.Certificate, x509.Certificate | None], None]:
+    """The factory's hook: allowlist a device in the registry at ``path``."""
+
+    def register(device_id: str, bootstrap: x509.Certificate,
+                 previous: x509.Certificate | None) -> None:
+        with open_registry(path) as registry:
+            registry.register_device(device_id, bootstrap, previous)
+
+    return register

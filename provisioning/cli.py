@@ -1,0 +1,178 @@
+"""``device-pki``: the operator's command for the CAs, the registry and held requests.
+
+Every command that changes revocation republishes the Device CA's CRL at once,
+so the file the broker reads never lags the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+
+from device_agent.errors import IdentityError
+
+from . import pki
+from .errors import PKIError
+from .registry import DeviceState, Registry, open_registry, registrar
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    if args.passphrase_file is None:
+        return None
+    try:
+        return Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise PKIError(f"cannot read the passphrase file: {exc}") from exc
+
+
+def _paths(args: argparse.Namespace) -> pki.PKIPaths:
+    return pki.PKIPaths(Path(args.pki))
+
+
+def _registry_path(args: argparse.Namespace) -> Path:
+    return Path(args.registry) if args.registry else _paths(args).registry
+
+
+def _read_cert(path: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PKIError(f"cannot read a PEM certificate from {path}: {exc}") from exc
+
+
+def _device_ca(args: argparse.Namespace) -> pki.Authority:
+    """Unlocked before any change, so a wrong passphrase leaves the registry as it was."""
+    return pki.open_authority(_paths(args).device_ca, _passphrase(args))
+
+
+def publish(args: argparse.Namespace, registry: Registry, authority: pki.Authority) -> Path:
+    """Re-sign the Device CA's CRL from the registry's revocations."""
+    target = Path(args.crl) if args.crl else _paths(args).crl
+    pki.publish_crl(authority, registry.revocations(), target)
+    return target
+
+
+def cmd_init(args: argparse.Namespace) -> str:
+    args.pki = args.directory
+    try:
+        paths = pki.init_pki(args.directory, passphrase=_passphrase(args),
+                             hostnames=args.host or ("localhost", "127.0.0.1"))
+    except FileExistsError as exc:
+        raise PKIError(str(exc)) from exc
+    with open_registry(_registry_path(args)) as registry:
+        crl = publish(args, registry, _device_ca(args))
+    return f"PKI in {paths.base}; CRL {crl}; registry {_registry_path(args)}"
+
+
+def cmd_issue_server(args: argparse.Namespace) -> str:
+    cert, key = pki.issue_server_files(_paths(args), args.name, args.host, _passphrase(args))
+    return f"{cert} {key}"
+
+
+def cmd_revoke(args: argparse.Namespace) -> str:
+    reason = pki.revocation_reason(args.reason)
+    authority = _device_ca(args)
+    with open_registry(_registry_path(args)) as registry:
+        record = registry.revoke(args.serial, reason)
+        crl = publish(args, registry, authority)
+    return f"revoked {record.serial} of {record.device_id} ({reason.value}); CRL {crl}"
+
+
+def cmd_crl(args: argparse.Namespace) -> str:
+    with open_registry(_registry_path(args)) as registry:
+        return str(publish(args, registry, _device_ca(args)))
+
+
+def cmd_register(args: argparse.Namespace) -> str:
+    previous = _read_cert(args.previous_cert) if args.previous_cert else None
+    registrar(_registry_path(args))(args.device, _read_cert(args.bootstrap_cert), previous)
+    return f"{args.device} allowlisted"
+
+
+def cmd_decide(args: argparse.Namespace) -> str:
+    with open_registry(_registry_path(args)) as registry:
+        request = registry.decide(args.device, approve=args.command == "approve")
+    return f"{request.device_id} {request.decision}"
+
+
+def cmd_pending(args: argparse.Namespace) -> str:
+    with open_registry(_registry_path(args)) as registry:
+        held = registry.pending_requests()
+    return "\n".join(f"{p.device_id}\t{p.requests} request(s) since {p.first_seen}\t"
+                     f"bootstrap sha256 {p.bootstrap_fingerprint}" for p in held)
+
+
+def cmd_state(args: argparse.Namespace) -> str:
+    state = {"suspend": DeviceState.SUSPENDED, "activate": DeviceState.ACTIVE,
+             "decommission": DeviceState.DECOMMISSIONED}[args.command]
+    authority = _device_ca(args) if state is DeviceState.DECOMMISSIONED else None
+    with open_registry(_registry_path(args)) as registry:
+        device = registry.set_state(args.device, state)
+        if authority is not None:
+            for record in registry.certificates(args.device):
+                if record.kind == "operational" and not record.revoked:
+                    registry.revoke(record.serial, x509.ReasonFlags.cessation_of_operation)
+            publish(args, registry, authority)
+    return f"{device.device_id} {device.state.value}"
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--pki", default=os.environ.get("DEVICE_PKI_DIR", "."),
+                        help="PKI directory (default $DEVICE_PKI_DIR or .)")
+    common.add_argument("--registry", help="registry database (default PKI/registry.sqlite3)")
+    common.add_argument("--passphrase-file", help="file holding the CA keys' passphrase")
+    common.add_argument("--crl", help="where to publish the CRL (default PKI/device-ca/crl.pem)")
+    top = argparse.ArgumentParser(prog="device-pki", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common], help=help_text)
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    init = command("init", cmd_init, "create root, Device CA, Factory CA, EST and broker certs")
+    init.add_argument("directory")
+    init.add_argument("--host", action="append", help="server host name or IP (repeatable)")
+    server = command("issue-server", cmd_issue_server, "issue servers/NAME.pem from the root")
+    server.add_argument("name")
+    server.add_argument("--host", action="append", required=True, help="repeatable")
+    revoke = command("revoke", cmd_revoke, "revoke a certificate and republish the CRL")
+    revoke.add_argument("serial", help="hexadecimal serial")
+    revoke.add_argument("--reason", required=True, choices=sorted(pki.REVOCATION_REASONS),
+                        type=lambda text: pki.revocation_reason(text).value)
+    command("crl", cmd_crl, "publish the Device CA's CRL")
+    register = command("register", cmd_register, "allowlist a device with its bootstrap cert")
+    register.add_argument("device")
+    register.add_argument("--bootstrap-cert", required=True)
+    register.add_argument("--previous-cert", help="the bootstrap cert it replaces")
+    command("pending", cmd_pending, "list enrollment requests held for an operator")
+    for name, help_text in (("approve", "allowlist a held device"),
+                            ("reject", "refuse a held device"),
+                            ("suspend", "refuse the device's enrollments until activated"),
+                            ("activate", "lift a suspension"),
+                            ("decommission", "retire the device and revoke its certificates")):
+        handler = cmd_decide if name in ("approve", "reject") else cmd_state
+        command(name, handler, help_text).add_argument("device")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        output = args.handler(args)
+    except (IdentityError, ValueError) as exc:
+        print(f"device-pki {args.command}: {exc}", file=sys.stderr)
+        return 1
+    if output:
+        print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
