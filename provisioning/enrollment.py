@@ -1,0 +1,270 @@
+"""Who gets a certificate: the enrollment policy as a pure function of the facts.
+
+The EST server gathers the facts (the TLS peer certificate, the parsed CSR,
+the registry's records) and :func:`decide` answers issue, hold or refuse with
+the HTTP status and the reason the client and the audit log will read. No I/O
+happens here, so every rule is tested without a server.
+
+Status conventions: 401 when the client is not authenticated for this endpoint
+(no certificate, the wrong kind of certificate, one that is not on record),
+403 when it is authenticated but not allowed (device not allowlisted or not
+active, revoked certificate, a CSR for another identity, a refused key), 400
+when the request itself is malformed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from device_agent.identity import DEVICE_ID_PATTERN, device_uri
+
+from . import pki
+from .errors import EnrollmentRefused
+from .registry import (
+    CertificateRecord,
+    CertKind,
+    Device,
+    DeviceState,
+    PendingRequest,
+    certificate_fingerprint,
+    public_key_fingerprint,
+    serial_hex,
+)
+
+
+class Operation(StrEnum):
+    ENROLL = "simpleenroll"
+    REENROLL = "simplereenroll"
+
+
+class Outcome(StrEnum):
+    ISSUE = "issued"
+    HOLD = "held"
+    REFUSE = "refused"
+
+
+class UnknownDevices(StrEnum):
+    """What to do with a valid bootstrap certificate whose device is not allowlisted."""
+
+    REFUSE = "refuse"
+    PENDING = "pending"
+
+
+@dataclass(frozen=True)
+class Policy:
+    unknown_devices: UnknownDevices = UnknownDevices.REFUSE
+    require_new_key: bool = True
+    pending_retry_after: int = 60
+
+    def __post_init__(self) -> None:
+        if self.pending_retry_after < 1:
+            raise ValueError("pending_retry_after must be at least 1 second")
+
+
+class Issuer(StrEnum):
+    FACTORY = "factory"
+    DEVICE = "device"
+    OTHER = "other"
+
+
+def _common_name(name: x509.Name) -> str | None:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if len(values) == 1 else None
+
+
+def _san(extensions: x509.Extensions) -> tuple[x509.GeneralName, ...] | None:
+    try:
+        return tuple(extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Name and key identifier match; the TLS layer has already checked the signature."""
+    if certificate.issuer != ca.subject:
+        return False
+    try:
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return False
+    return aki.key_identifier == ski.digest
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The TLS client certificate, reduced to what the policy reads."""
+
+    certificate: x509.Certificate
+    issuer: Issuer
+    device_id: str | None
+    serial: str
+    fingerprint: str
+    key_fingerprint: str
+
+    @classmethod
+    def from_certificate(cls, certificate: x509.Certificate, factory_ca: x509.Certificate,
+                         device_ca: x509.Certificate) -> Peer:
+        issuer = (Issuer.FACTORY if _issued_by(certificate, factory_ca)
+                  else Issuer.DEVICE if _issued_by(certificate, device_ca) else Issuer.OTHER)
+        name = _common_name(certificate.subject)
+        return cls(certificate, issuer,
+                   name if name and DEVICE_ID_PATTERN.fullmatch(name) else None,
+                   serial_hex(certificate.serial_number), certificate_fingerprint(certificate),
+                   public_key_fingerprint(certificate.public_key()))
+
+
+@dataclass(frozen=True)
+class Request:
+    """A CSR whose signature verified, reduced to what the policy reads."""
+
+    subject: x509.Name
+    common_name: str | None
+    san: tuple[x509.GeneralName, ...] | None
+    key_fingerprint: str
+    key_problem: str | None
+
+    @classmethod
+    def from_csr(cls, csr: x509.CertificateSigningRequest) -> Request:
+        key = csr.public_key()
+        try:
+            pki.check_public_key(key)
+            problem = None
+        except ValueError as exc:
+            problem = str(exc)
+        return cls(csr.subject, _common_name(csr.subject), _san(csr.extensions),
+                   public_key_fingerprint(key), problem)
+
+
+@dataclass(frozen=True)
+class Records:
+    """What the registry knows about the peer; empty for a peer it has never seen."""
+
+    device: Device | None = None
+    peer_record: CertificateRecord | None = None
+    pending: PendingRequest | None = None
+    known_keys: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    status: int
+    reason: str
+    device_id: str | None = None
+    retry_after: int | None = None
+
+
+def _refuse(status: int, reason: str, device_id: str | None = None) -> Decision:
+    return Decision(Outcome.REFUSE, status, reason, device_id)
+
+
+def decide(operation: Operation, peer: Peer | None, request: Request | EnrollmentRefused,
+           records: Records, policy: Policy, now: dt.datetime) -> Decision:
+    """Authenticate the peer, then check the request, then authorize; the first failure wins."""
+    if peer is None:
+        return _refuse(401, "no client certificate")
+    if operation is Operation.ENROLL:
+        return _enroll(peer, request, records, policy)
+    return _reenroll(peer, request, records, policy, now)
+
+
+def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
+            policy: Policy) -> Decision:
+    if peer.issuer is not Issuer.FACTORY:
+        return _refuse(401, "simpleenroll takes a bootstrap certificate from the Factory CA")
+    device_id = peer.device_id
+    if device_id is None:
+        return _refuse(401, "the bootstrap certificate names no valid device ID")
+    device = records.device
+    if device is None:
+        refusal = _unknown_device(peer, device_id, records.pending, policy)
+        if refusal is not None:
+            return refusal
+    elif device.bootstrap_fingerprint != peer.fingerprint:
+        return _refuse(401, f"this bootstrap certificate is not the one on record for {device_id}",
+                       device_id)
+    if records.peer_record is not None and records.peer_record.revoked:
+        return _refuse(403, f"bootstrap certificate {peer.serial} is revoked", device_id)
+    if device is not None and device.state is not DeviceState.ACTIVE:
+        return _refuse(403, f"device {device_id} is {device.state.value}", device_id)
+    if isinstance(request, EnrollmentRefused):
+        return _refuse(request.status, request.reason, device_id)
+    if request.common_name != device_id:
+        return _refuse(403, f"the CSR names {request.common_name!r}, not the authenticated "
+                            f"device {device_id}", device_id)
+    expected_san = (x509.UniformResourceIdentifier(device_uri(device_id)),)
+    if request.san is not None and request.san != expected_san:
+        return _refuse(403, f"the CSR subjectAltName must be {device_uri(device_id)} alone",
+                       device_id)
+    refusal = _key_refusal(request, device_id)
+    if refusal is not None:
+        return refusal
+    if request.key_fingerprint == peer.key_fingerprint:
+        return _refuse(403, "the operational key must not be the bootstrap key", device_id)
+    if device is None:
+        return Decision(Outcome.HOLD, 202, "held until an operator approves the device",
+                        device_id, policy.pending_retry_after)
+    return Decision(Outcome.ISSUE, 200, "issued", device_id)
+
+
+def _unknown_device(peer: Peer, device_id: str, pending: PendingRequest | None,
+                    policy: Policy) -> Decision | None:
+    if policy.unknown_devices is UnknownDevices.REFUSE:
+        return _refuse(403, f"device {device_id} is not allowlisted", device_id)
+    if pending is None:
+        return None
+    if pending.bootstrap_fingerprint != peer.fingerprint:
+        return _refuse(403, f"another bootstrap certificate is already held for {device_id}",
+                       device_id)
+    if pending.decision == "rejected":
+        return _refuse(403, f"an operator rejected device {device_id}", device_id)
+    return None
+
+
+def _reenroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
+              policy: Policy, now: dt.datetime) -> Decision:
+    if peer.issuer is not Issuer.DEVICE:
+        return _refuse(401, "simplereenroll takes an operational certificate from the Device CA")
+    record = records.peer_record
+    if record is None or record.kind is not CertKind.OPERATIONAL:
+        return _refuse(401, f"certificate {peer.serial} is not on record")
+    device_id = record.device_id
+    if peer.device_id != device_id:
+        return _refuse(401, f"certificate {peer.serial} is on record for another device",
+                       device_id)
+    if peer.certificate.not_valid_after_utc < now:
+        return _refuse(401, f"certificate {peer.serial} has expired", device_id)
+    if record.revoked:
+        return _refuse(403, f"certificate {peer.serial} is revoked ({record.revocation_reason})",
+                       device_id)
+    device = records.device
+    if device is None or device.state is not DeviceState.ACTIVE:
+        state = device.state.value if device else "unknown"
+        return _refuse(403, f"device {device_id} is {state}", device_id)
+    if isinstance(request, EnrollmentRefused):
+        return _refuse(request.status, request.reason, device_id)
+    if request.subject != peer.certificate.subject:
+        return _refuse(403, "the CSR subject differs from the certificate being renewed",
+                       device_id)
+    if request.san != _san(peer.certificate.extensions):
+        return _refuse(403, "the CSR subjectAltName differs from the certificate being renewed",
+                       device_id)
+    refusal = _key_refusal(request, device_id)
+    if refusal is not None:
+        return refusal
+    if policy.require_new_key and (request.key_fingerprint == peer.key_fingerprint
+                                   or request.key_fingerprint in records.known_keys):
+        return _refuse(403, "re-enrollment must use a new key", device_id)
+    return Decision(Outcome.ISSUE, 200, "issued", device_id)
+
+
+def _key_refusal(request: Request, device_id: str) -> Decision | None:
+    if request.key_problem is None:
+        return None
+    return _refuse(403, f"key refused: {request.key_problem}", device_id)

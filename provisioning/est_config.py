@@ -1,0 +1,166 @@
+"""est-server.toml, validated when loaded: an error names the key; unknown keys are errors.
+
+```toml
+[server]
+host = "127.0.0.1"        # loopback unless an operator says otherwise
+port = 8443
+workers = 2               # processes sharing the port (SO_REUSEPORT); default: CPU count
+max_body_bytes = 16384
+max_in_flight = 64        # per worker; beyond it 503 + Retry-After
+busy_retry_after = 5
+shutdown_timeout = 10
+
+[pki]
+directory = "/var/lib/device-pki"
+passphrase_file = "/etc/device-pki/passphrase"   # optional
+registry = "/var/lib/device-pki/registry.sqlite3"  # default: <directory>/registry.sqlite3
+
+[policy]
+unknown_devices = "refuse"     # or "pending": 202 until `device-pki approve`
+pending_retry_after = 60
+require_new_key = true
+certificate_lifetime = "7d"    # or "90s", "12h", or an integer number of seconds
+```
+
+Relative paths are read from the configuration file's directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+
+from .enrollment import Policy, UnknownDevices
+from .pki import PKIPaths
+
+_DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    pki_dir: Path
+    registry: Path
+    passphrase_file: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8443
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_body_bytes: int = 16384
+    max_in_flight: int = 64
+    busy_retry_after: int = 5
+    shutdown_timeout: float = 10.0
+    policy: Policy = Policy()
+    certificate_lifetime: dt.timedelta = dt.timedelta(days=7)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "server.port": 0 < self.port < 65536,
+            "server.workers": 1 <= self.workers <= 64,
+            "server.max_body_bytes": 256 <= self.max_body_bytes <= 1 << 20,
+            "server.max_in_flight": self.max_in_flight >= 1,
+            "server.busy_retry_after": self.busy_retry_after >= 1,
+            "server.shutdown_timeout": self.shutdown_timeout > 0,
+            "policy.certificate_lifetime": self.certificate_lifetime.total_seconds() >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}: out of range")
+
+    @property
+    def pki(self) -> PKIPaths:
+        return PKIPaths(self.pki_dir)
+
+    def passphrase(self) -> bytes | None:
+        if self.passphrase_file is None:
+            return None
+        try:
+            return self.passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(f"pki.passphrase_file: cannot read: {exc.strerror}") from exc
+
+
+def parse_duration(value: object, key: str) -> dt.timedelta:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return dt.timedelta(seconds=value)
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{key}: expected seconds or a duration such as 90s, 15m, 12h, 7d")
+    return dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def _take(table: dict[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
+    value = table.pop(key, default)
+    if value is default:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{section}.{key}: expected {kind.__name__}")
+    return value
+
+
+def load(path: str | Path) -> ServerConfig:
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    base = source.parent
+
+    def section(name: str) -> dict[str, Any]:
+        table = data.pop(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        return dict(table)
+
+    server, pki, policy = section("server"), section("pki"), section("policy")
+    if data:
+        raise ConfigError(f"{source}: unknown section [{next(iter(data))}]")
+    directory = _take(pki, "pki", "directory", str, None)
+    if directory is None:
+        raise ConfigError(f"{source}: pki.directory is required")
+    pki_dir = base / directory
+    registry = _take(pki, "pki", "registry", str, None)
+    secret = _take(pki, "pki", "passphrase_file", str, None)
+    defaults = ServerConfig(pki_dir, pki_dir)
+    try:
+        unknown = UnknownDevices(_take(policy, "policy", "unknown_devices", str, "refuse"))
+    except ValueError:
+        raise ConfigError(f"{source}: policy.unknown_devices: refuse or pending") from None
+    lifetime = policy.pop("certificate_lifetime", None)
+    try:
+        rules = Policy(unknown,
+                       _take(policy, "policy", "require_new_key", bool, True),
+                       _take(policy, "policy", "pending_retry_after", int, 60))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: policy: {exc}") from exc
+    config = ServerConfig(
+        pki_dir=pki_dir,
+        registry=base / registry if registry else PKIPaths(pki_dir).registry,
+        passphrase_file=base / secret if secret else None,
+        host=_take(server, "server", "host", str, defaults.host),
+        port=_take(server, "server", "port", int, defaults.port),
+        workers=_take(server, "server", "workers", int, defaults.workers),
+        max_body_bytes=_take(server, "server", "max_body_bytes", int, defaults.max_body_bytes),
+        max_in_flight=_take(server, "server", "max_in_flight", int, defaults.max_in_flight),
+        busy_retry_after=_take(server, "server", "busy_retry_after", int,
+                               defaults.busy_retry_after),
+        shutdown_timeout=_take(server, "server", "shutdown_timeout", float,
+                               defaults.shutdown_timeout),
+        policy=rules,
+        certificate_lifetime=(parse_duration(lifetime, "policy.certificate_lifetime")
+                              if lifetime is not None else defaults.certificate_lifetime),
+    )
+    for name, table in (("server", server), ("pki", pki), ("policy", policy)):
+        if table:
+            raise ConfigError(f"{source}: {name}.{next(iter(table))}: unknown key")
+    return config

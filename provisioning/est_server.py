@@ -1,0 +1,274 @@
+"""``est-server``: the EST endpoints (RFC 7030) over HTTPS with client certificates.
+
+Process model: ``est-server --config FILE`` is a supervisor (see _supervisor.py)
+that starts ``workers`` processes; each binds the same address with
+SO_REUSEPORT, so the kernel spreads connections over them and every core does
+TLS. A worker runs aiohttp on one event loop and hands each enrollment to one
+thread that owns its registry connection (est_service.py).
+
+A listener is a TLS context plus routes. There is one today; the recovery
+listener (expired operational certificates accepted at the TLS layer, the
+decision left to the application) is another :class:`Listener` with
+``accept_expired=True`` and its own routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from device_agent.errors import IdentityError
+
+from . import est_config, pki
+from .enrollment import Operation
+from .est_config import ServerConfig
+from .est_service import EnrollmentService, Result
+from .est_wire import CERTS_TYPE, CSR_TYPE, CSRATTRS_TYPE, PREFIX, encode_certs, encode_csrattrs
+from .est_wire import media_type as _media_type
+from .registry import open_registry, serial_hex
+
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+log = logging.getLogger("est")
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
+    """One JSON object per line, so logs can be filtered by field rather than by regex."""
+    record = {"ts": round(time.time(), 3), "event": event, "pid": os.getpid(), **fields}
+    log.log(level, json.dumps(record, default=str, separators=(",", ":")))
+
+
+def server_context(paths: pki.PKIPaths, *, accept_expired: bool = False) -> ssl.SSLContext:
+    """TLS for the EST server: our Ed25519 certificate, client certificates optional.
+
+    Clients may present a bootstrap certificate (Factory CA) or an operational
+    one (Device CA chain); which one an endpoint wants is the policy's business.
+    A certificate from any other CA fails the handshake.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(paths.server_cert("est"), paths.server_key("est"))
+        context.load_verify_locations(cafile=paths.factory_ca / "ca.pem")
+        context.load_verify_locations(cafile=paths.device_ca / "chain.pem")
+    except (OSError, ssl.SSLError) as exc:
+        raise pki.PKIError(f"cannot build the EST server's TLS context: {exc}") from exc
+    context.verify_mode = ssl.CERT_OPTIONAL
+    if accept_expired:
+        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    return ssl_object.getpeercert(binary_form=True) if ssl_object else None
+
+
+def _text(status: int, reason: str, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.Response(status=status, text=reason + "\n", headers=headers)
+
+
+class Endpoints:
+    """The HTTP side of one worker: shape checks, load shedding, then the service thread."""
+
+    def __init__(self, config: ServerConfig, run: Callable[..., Awaitable[Result]],
+                 ca_chain: bytes) -> None:
+        self.config = config
+        self.run = run
+        self.ca_chain = ca_chain
+        self.csrattrs = encode_csrattrs()
+        self.in_flight = 0
+        self.busy_peers: set[bytes] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get(f"{PREFIX}/cacerts", self.cacerts),
+            web.get(f"{PREFIX}/csrattrs", self.get_csrattrs),
+            web.post(f"{PREFIX}/simpleenroll", self.simpleenroll),
+            web.post(f"{PREFIX}/simplereenroll", self.simplereenroll),
+        ]
+
+    async def cacerts(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.ca_chain, headers={
+            "Content-Type": CERTS_TYPE, "Content-Transfer-Encoding": "base64"})
+
+    async def get_csrattrs(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.csrattrs, headers={
+            "Content-Type": CSRATTRS_TYPE, "Content-Transfer-Encoding": "base64"})
+
+    async def simpleenroll(self, request: web.Request) -> web.Response:
+        return await self.enroll(request, Operation.ENROLL)
+
+    async def simplereenroll(self, request: web.Request) -> web.Response:
+        return await self.enroll(request, Operation.REENROLL)
+
+    async def enroll(self, request: web.Request, operation: Operation) -> web.Response:
+        started = time.monotonic()
+        peer = peer_certificate(request)
+        if self.in_flight >= self.config.max_in_flight:
+            log_event("shed", logging.WARNING, op=operation.value, in_flight=self.in_flight)
+            return _text(503, "server busy", self.config.busy_retry_after)
+        if peer is not None and peer in self.busy_peers:
+            return _text(429, "a request with this certificate is already in progress",
+                         self.config.busy_retry_after)
+        self.in_flight += 1
+        if peer is not None:
+            self.busy_peers.add(peer)
+        try:
+            result = await self._enroll(request, operation, peer)
+        finally:
+            self.in_flight -= 1
+            self.busy_peers.discard(peer)  # type: ignore[arg-type]
+        decision = result.decision
+        log_event("enroll", op=operation.value, status=decision.status,
+                  decision=decision.outcome.value, device=decision.device_id,
+                  reason=decision.reason, peer_serial=result.peer_serial,
+                  issued_serial=(serial_hex(result.certificate.serial_number)
+                                 if result.certificate else None),
+                  ms=round((time.monotonic() - started) * 1000, 2))
+        if result.certificate is not None:
+            return web.Response(body=encode_certs([result.certificate]), headers={
+                "Content-Type": CERTS_TYPE, "Content-Transfer-Encoding": "base64"})
+        return _text(decision.status, decision.reason, decision.retry_after)
+
+    async def _enroll(self, request: web.Request, operation: Operation,
+                      peer: bytes | None) -> Result:
+        limit = self.config.max_body_bytes
+        refusal: tuple[int, str] | None = None
+        if _media_type(request.content_type) != CSR_TYPE:
+            refusal = (415, f"content type must be {CSR_TYPE}")
+        elif request.content_length is not None and request.content_length > limit:
+            refusal = (413, f"request body larger than {limit} bytes")
+        if refusal is None:
+            body = bytearray()
+            async for chunk in request.content.iter_chunked(8192):
+                body += chunk
+                if len(body) > limit:
+                    refusal = (413, f"request body larger than {limit} bytes")
+                    break
+        if refusal is not None:
+            return await self.run("refuse", operation, peer, *refusal)
+        return await self.run("handle", operation, peer, bytes(body))
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    context: ssl.SSLContext
+    routes: Sequence[web.RouteDef]
+
+
+class Worker:
+    """One process: the service thread, the listeners, and an orderly stop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="registry")
+        self.stack = contextlib.ExitStack()
+        self.service: EnrollmentService | None = None
+        self.stopping = asyncio.Event()
+
+    def _open(self) -> None:
+        paths = self.config.pki
+        device_ca = pki.open_authority(paths.device_ca, self.config.passphrase())
+        factory_ca = pki.load_certs(paths.factory_ca / "ca.pem")[0]
+        registry = self.stack.enter_context(open_registry(self.config.registry))
+        self.service = EnrollmentService(device_ca, factory_ca, registry, self.config.policy,
+                                         self.config.certificate_lifetime)
+
+    async def run(self, method: str, *args: object) -> Result:
+        assert self.service is not None
+        call = getattr(self.service, method)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
+
+    def listeners(self) -> list[Listener]:
+        paths = self.config.pki
+        chain = pki.load_certs(paths.device_ca / "chain.pem")
+        endpoints = Endpoints(self.config, self.run, encode_certs(chain))
+        return [Listener("est", self.config.host, self.config.port, server_context(paths),
+                         endpoints.routes())]
+
+    async def serve(self, ready_fd: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._open)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        runners = []
+        try:
+            for listener in self.listeners():
+                app = web.Application(client_max_size=self.config.max_body_bytes)
+                app.add_routes(listener.routes)
+                runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                       shutdown_timeout=self.config.shutdown_timeout)
+                await runner.setup()
+                runners.append(runner)
+                await web.TCPSite(runner, listener.host, listener.port,
+                                  ssl_context=listener.context, reuse_port=True,
+                                  backlog=1024).start()
+                log_event("listening", listener=listener.name, host=listener.host,
+                          port=listener.port)
+            if ready_fd is not None:
+                os.write(ready_fd, b"r")
+                os.close(ready_fd)
+            watchdog = asyncio.create_task(self._watch_parent())
+            await self.stopping.wait()
+            watchdog.cancel()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            await loop.run_in_executor(self.executor, self.stack.close)
+            self.executor.shutdown(wait=True)
+        log_event("stopped")
+
+    async def _watch_parent(self) -> None:
+        """A worker whose supervisor died (SIGKILL) stops instead of holding the port."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        log_event("orphaned", logging.WARNING)
+        self.stopping.set()
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="est-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="est-server TOML file")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        config = est_config.load(args.config)
+        if args.worker is None:
+            from ._supervisor import supervise
+            return supervise(config, args.config)
+        asyncio.run(Worker(config).serve(args.ready_fd))
+    except IdentityError as exc:
+        log_event("error", logging.ERROR, error=str(exc))
+        print(f"est-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""One enrollment, from the TLS peer and the request body to an answer and an audit row.
+
+This is where the policy meets the CA and the registry. It is synchronous on
+purpose: each EST worker runs it on one thread that owns the worker's
+registry connection, so the event loop never waits on a database lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from . import pki
+from .enrollment import Decision, Operation, Outcome, Peer, Policy, Records, Request, decide
+from .errors import EnrollmentRefused
+from .est_wire import decode_csr
+from .registry import AuditEntry, CertKind, Registry, serial_hex
+
+
+@dataclass(frozen=True)
+class Result:
+    """The decision, and the certificate when one was issued."""
+
+    decision: Decision
+    peer_serial: str | None
+    certificate: x509.Certificate | None = None
+
+
+class EnrollmentService:
+    def __init__(self, device_ca: pki.Authority, factory_ca: x509.Certificate,
+                 registry: Registry, policy: Policy, lifetime: dt.timedelta) -> None:
+        self.device_ca = device_ca
+        self.factory_ca = factory_ca
+        self.registry = registry
+        self.policy = policy
+        self.lifetime = lifetime
+
+    def peer(self, der: bytes | None) -> Peer | None:
+        if not der:
+            return None
+        return Peer.from_certificate(x509.load_der_x509_certificate(der), self.factory_ca,
+                                     self.device_ca.certificate)
+
+    def _records(self, operation: Operation, peer: Peer | None) -> Records:
+        if peer is None:
+            return Records()
+        record = self.registry.certificate(peer.serial)
+        device_id = record.device_id if record else peer.device_id
+        if device_id is None:
+            return Records(peer_record=record)
+        device = self.registry.device(device_id)
+        return Records(
+            device=device,
+            peer_record=record,
+            pending=self.registry.pending(device_id) if device is None else None,
+            known_keys=(self.registry.public_key_fingerprints(device_id)
+                        if operation is Operation.REENROLL else frozenset()),
+        )
+
+    def handle(self, operation: Operation, peer_der: bytes | None, body: bytes) -> Result:
+        """Decide, sign outside any lock, then decide again and record under the write lock.
+
+        The second decision sees any suspension or revocation that landed while
+        we were signing; if it refuses, the signed certificate is dropped unseen.
+        """
+        peer = self.peer(peer_der)
+        csr: x509.CertificateSigningRequest | None = None
+        request: Request | EnrollmentRefused
+        try:
+            csr = decode_csr(body)
+            request = Request.from_csr(csr)
+        except EnrollmentRefused as refused:
+            request = refused
+        now = dt.datetime.now(dt.UTC)
+        decision = decide(operation, peer, request, self._records(operation, peer), self.policy,
+                          now)
+        certificate = None
+        if decision.outcome is Outcome.ISSUE:
+            assert csr is not None and decision.device_id is not None
+            certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
+                                                      self.lifetime)
+        with self.registry.transaction():
+            if decision.outcome is not Outcome.REFUSE:
+                decision = decide(operation, peer, request, self._records(operation, peer),
+                                  self.policy, now)
+            if decision.outcome is Outcome.ISSUE:
+                assert certificate is not None and decision.device_id is not None
+                self.registry.record_certificate(decision.device_id, certificate,
+                                                 CertKind.OPERATIONAL)
+            else:
+                certificate = None
+            if decision.outcome is Outcome.HOLD:
+                assert peer is not None and decision.device_id is not None
+                self.registry.hold(decision.device_id, peer.certificate)
+            self.audit(operation, peer, decision, certificate)
+        return Result(decision, peer.serial if peer else None, certificate)
+
+    def refuse(self, operation: Operation, peer_der: bytes | None, status: int,
+               reason: str) -> Result:
+        """Audit a refusal made before the body was read (size, content type)."""
+        peer = self.peer(peer_der)
+        decision = Decision(Outcome.REFUSE, status, reason, peer.device_id if peer else None)
+        with self.registry.transaction():
+            self.audit(operation, peer, decision, None)
+        return Result(decision, peer.serial if peer else None)
+
+    def audit(self, operation: Operation, peer: Peer | None, decision: Decision,
+              certificate: x509.Certificate | None) -> None:
+        self.registry.audit(AuditEntry(
+            action=operation.value, decision=decision.outcome.value, reason=decision.reason,
+            device_id=decision.device_id, status=decision.status,
+            peer_serial=peer.serial if peer else None,
+            issued_serial=serial_hex(certificate.serial_number) if certificate else None))

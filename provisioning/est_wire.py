@@ -1,0 +1,102 @@
+"""RFC 7030 wire format with the RFC 8951 clarifications, and nothing about policy.
+
+Requests carry a base64 PKCS#10 body (``application/pkcs10``); answers carry a
+base64 PKCS#7 certs-only structure. RFC 8951 settles that base64 is always
+used whatever ``Content-Transfer-Encoding`` says, and that a receiver tolerates
+line breaks and other whitespace inside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from .errors import EnrollmentRefused
+
+PREFIX = "/.well-known/est"
+CSR_TYPE = "application/pkcs10"
+CERTS_TYPE = "application/pkcs7-mime; smime-type=certs-only"
+CSRATTRS_TYPE = "application/csrattrs"
+
+
+def media_type(content_type: str | None) -> str:
+    """``application/pkcs10`` from ``Application/PKCS10; charset=x``: parameters are ignored."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_base64(body: bytes, what: str) -> bytes:
+    try:
+        return base64.b64decode(b"".join(body.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EnrollmentRefused(400, f"{what} is not valid base64") from exc
+
+
+def decode_csr(body: bytes) -> x509.CertificateSigningRequest:
+    """The request in a simpleenroll/simplereenroll body, its signature checked.
+
+    The signature is the proof of possession of the private key, so a CSR whose
+    signature does not verify is refused as malformed before any policy runs.
+    """
+    der = decode_base64(body, "request body")
+    if not der:
+        raise EnrollmentRefused(400, "request body is empty")
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        raise EnrollmentRefused(400, "request body is not a DER PKCS#10 request") from exc
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError, x509.UnsupportedGeneralNameType) as exc:
+        raise EnrollmentRefused(400, "CSR signature cannot be checked") from exc
+    if not valid:
+        raise EnrollmentRefused(400, "CSR signature does not verify")
+    return csr
+
+
+def _wrap(data: bytes) -> bytes:
+    """Base64 in 64-column lines, as PEM writes it and RFC 8951 allows."""
+    text = base64.b64encode(data)
+    return b"".join(text[i:i + 64] + b"\n" for i in range(0, len(text), 64))
+
+
+def encode_certs(certificates: Sequence[x509.Certificate]) -> bytes:
+    """A certs-only PKCS#7 (no signers, no content), DER then base64."""
+    return _wrap(pkcs7.serialize_certificates(list(certificates), serialization.Encoding.DER))
+
+
+# DER for CsrAttrs (RFC 7030 4.5.2): ecdsa-with-SHA256 as an OID, then the
+# attribute that asks for an EC key on P-256.
+def _oid(dotted: str) -> bytes:
+    first, second, *rest = (int(part) for part in dotted.split("."))
+    body = bytearray([first * 40 + second])
+    for arc in rest:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return _tlv(0x06, bytes(body))
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    if len(value) < 0x80:
+        return bytes([tag, len(value)]) + value
+    size = len(value).to_bytes((len(value).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + value
+
+
+ECDSA_WITH_SHA256 = "1.2.840.10045.4.3.2"
+EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+SECP256R1 = "1.2.840.10045.3.1.7"
+
+
+def encode_csrattrs() -> bytes:
+    attributes = _oid(ECDSA_WITH_SHA256) + _tlv(
+        0x30, _oid(EC_PUBLIC_KEY) + _tlv(0x31, _oid(SECP256R1)))
+    return _wrap(_tlv(0x30, attributes))
