@@ -167,3 +167,30 @@ def revocable_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
     """A rendered broker of its own, for tests that revoke and reload."""
     with rendered_broker(pki_dir) as broker:
         yield broker
+
+
+# --- PKI and EST server ---
+# The server is the real est-server command (a supervisor and two workers) on a free
+# 127.0.0.1 port; the process helpers live in tests/est_support.py.
+
+from .est_support import ESTServer, running_est_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def est_pki(tmp_path_factory: pytest.TempPathFactory) -> pki.PKIPaths:
+    """A PKI of its own, so the EST tests' revocations and CRLs touch no broker test."""
+    return pki.init_pki(tmp_path_factory.mktemp("est-pki"))
+
+
+@pytest.fixture(scope="session")
+def factory_ca(est_pki: pki.PKIPaths) -> pki.Authority:
+    return pki.read_authority(est_pki.factory_ca)
+
+
+@pytest.fixture(scope="session")
+def est_server(tmp_path_factory: pytest.TempPathFactory,
+               est_pki: pki.PKIPaths) -> Iterator[ESTServer]:
+    """Refuses unknown devices (the default policy); certificates live an hour."""
+    with running_est_server(tmp_path_factory.mktemp("est-server"), est_pki,
+                            certificate_lifetime="1h") as server:
+        yield server
