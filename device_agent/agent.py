@@ -31,7 +31,7 @@ from .outbox import Outbox
 from .status import write_status
 from .systemd import Notifier
 from .tls import active_provider, client_context
-from .tpm import TPM
+from .tpm import TPM, KeyBlob
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,20 @@ class Agent:
         return LocalAPI(self.config.api.socket, self.publish, self.config.api.group)
 
     def _start(self, current: Generation | None) -> None:
-        if current is None:
-            self.state = State.ENROLLING
-            self._spawn(lambda: self.enroller.enroll(), "enroll")
+        while current is not None:
+            try:
+                self._use(current)
+            except IdentityError as exc:
+                kept = self.store.quarantine(current)
+                self._error(f"credential generation {current.number} unusable ({exc}); "
+                            f"kept as {kept.name}")
+                current = self.store.current()
+                continue
+            if self.store.previous() is not None:
+                self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
             return
-        self._use(current)
-        if self.store.previous() is not None:
-            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
+        self.state = State.ENROLLING
+        self._spawn(lambda: self.enroller.enroll(), "enroll")
 
     def _shutdown(self, api: LocalAPI | None) -> None:
         self.notifier.stopping()
@@ -183,6 +190,7 @@ class Agent:
 
     def _use(self, generation: Generation) -> None:
         """Connect with ``generation``; the link of the previous one is closed first."""
+        KeyBlob.read(generation.key_path)  # a clear error for a damaged blob, before OpenSSL's
         context = client_context(certfile=generation.cert_path, keyfile=generation.key_path,
                                  cafile=self.config.paths.server_trust,
                                  tcti=self.config.device.tcti)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,22 @@ class CredentialStore:
         if failed is not None and failed != previous:
             shutil.rmtree(failed.directory, ignore_errors=True)
         return previous
+
+    def quarantine(self, generation: Generation) -> Path:
+        """Set an unusable generation aside, kept for inspection; fall back to the previous.
+
+        Renamed out of the ``gen-`` namespace so :meth:`repair` never deletes it.
+        """
+        kept = self.root / f"broken-{generation.directory.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        previous = self.previous()
+        os.replace(generation.directory, kept)
+        if self.current() == generation:
+            usable = previous if previous is not None and previous.complete() else None
+            self._point("current", usable)
+        if previous is not None and previous == self.current():
+            self._point("previous", None)
+        fsync_dir(self.root)
+        return kept
 
     def repair(self) -> Generation | None:
         """Finish or undo what a crash interrupted; returns the usable current generation."""

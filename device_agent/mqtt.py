@@ -86,6 +86,8 @@ class MQTTLink:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._hold_delay: float | None = None
+        self._admitted = False
+        self._socket_error = ""
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._published_up_to = 0
         self._client: paho.Client | None = None
@@ -127,21 +129,24 @@ class MQTTLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_log
+        self._socket_error = ""
         return client
 
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            delay = self._connect_once()
+            admitted, delay = self._connect_once()
             if self._stop.is_set():
                 break
-            attempt = 0 if delay is None else attempt + 1
+            attempt = 0 if admitted else attempt + 1
             wait = max(full_jitter(attempt, self.backoff_base, self.backoff_cap), delay or 0.0)
             log.info("reconnecting in %.1fs", wait)
             self._stop.wait(wait)
 
-    def _connect_once(self) -> float | None:
-        """One connection, kept until it ends; returns a minimum delay before the next."""
+    def _connect_once(self) -> tuple[bool, float | None]:
+        """One connection, kept until it ends: (whether the broker admitted us, the least
+        delay it asked for before the next attempt)."""
         client = self._new_client()
         self._client = client
         properties = Properties(PacketTypes.CONNECT)
@@ -153,8 +158,9 @@ class MQTTLink:
             self.stats.connect_failures += 1
             self.stats.error(f"connect to {self.host}:{self.port} failed: {exc}")
             log.warning("MQTT connect to %s:%d failed: %s", self.host, self.port, exc)
-            return 0.0
+            return False, None
         self._hold_delay = None
+        self._admitted = False
         connack_deadline = time.monotonic() + self.keepalive
         try:
             while not self._stop.is_set() and client.socket() is not None:
@@ -177,7 +183,13 @@ class MQTTLink:
             self._lost()
             if client.socket() is not None:
                 client.disconnect()
-        return self._hold_delay
+        if not self._admitted and not self._stop.is_set():
+            self.stats.connect_failures += 1
+            if self._hold_delay is None:
+                reason = self._socket_error or "connection closed before CONNACK"
+                self.stats.error(f"broker did not admit us: {reason}")
+                log.warning("broker did not admit us: %s", reason)
+        return self._admitted, self._hold_delay
 
     def _lost(self) -> None:
         was_connected = self.connected.is_set()
@@ -206,11 +218,16 @@ class MQTTLink:
 
     # paho callbacks, on the link's thread
 
+    def _on_log(self, _client: paho.Client, _userdata: object, level: int, message: str) -> None:
+        """paho reports socket and TLS failures (such as the peer's alert) only here."""
+        if level == paho.MQTT_LOG_ERR:
+            self._socket_error = message
+            log.debug("paho: %s", message)
+
     def _on_connect(self, client: paho.Client, _userdata: object, _flags: object,
                     reason: ReasonCode, properties: Properties | None) -> None:
         self.stats.last_connack = str(reason)
         if reason.is_failure:
-            self.stats.connect_failures += 1
             self.stats.error(f"broker refused the connection: {reason}")
             log.warning("broker refused the connection: %s", reason)
             name = str(reason)
@@ -228,6 +245,7 @@ class MQTTLink:
                 if name in REFUSED_REASONS and self.on_refused:
                     self.on_refused(name)
             return
+        self._admitted = True
         self.stats.connects += 1
         self.stats.connected_since = time.time()
         client.publish(f"{self.topic_base}/status", self._status_payload("online"), qos=1,

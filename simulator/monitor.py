@@ -23,7 +23,9 @@ class TelemetryMonitor:
                  topic: str = "devices/+/telemetry", client_id: str = "backend-monitor") -> None:
         self.argv = [require("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(port),
                      "--cafile", str(cafile), "--cert", str(cert), "--key", str(key),
-                     "-t", topic, "-q", "1", "-v", "-V", "mqttv5", "-i", client_id]
+                     "-t", topic, "-q", "1", "-v", "-V", "mqttv5", "-i", client_id,
+                     # a persistent session: what arrives while it reconnects is kept for it
+                     "-c", "-x", "86400"]
         self._seqs: dict[str, list[int]] = defaultdict(list)
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
@@ -45,6 +47,9 @@ class TelemetryMonitor:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(5)
+            self._reader.join(5)
+            if self._process.stdout is not None:
+                self._process.stdout.close()
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None

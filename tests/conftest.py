@@ -169,6 +169,77 @@ def revocable_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
         yield broker
 
 
+# --- device agent ---
+
+from device_agent.config import (  # noqa: E402
+    AgentConfig,
+    APISection,
+    DeviceSection,
+    ESTSection,
+    MQTTSection,
+    PathsSection,
+    RenewalSection,
+    render_toml,
+)
+from device_agent.credentials import CredentialStore  # noqa: E402
+from simulator.device import AgentProcess  # noqa: E402
+from simulator.monitor import TelemetryMonitor  # noqa: E402
+
+
+def write_agent_config(directory: Path, device_id: str, tcti: str, pki_paths: pki.PKIPaths,
+                       broker_port: int, est_url: str = "https://127.0.0.1:9",
+                       telemetry_interval: float = 0.2, fraction: float = 2 / 3) -> Path:
+    """An agent.toml for a device living in ``directory``."""
+    config = AgentConfig(
+        device=DeviceSection(device_id, tcti),
+        paths=PathsSection(directory / "state", directory / "bootstrap.pem",
+                           directory / "bootstrap.tss", pki_paths.server_trust),
+        est=ESTSection(est_url, timeout=10),
+        mqtt=MQTTSection("127.0.0.1", broker_port, keepalive=10,
+                         telemetry_interval=telemetry_interval),
+        renewal=RenewalSection(fraction=fraction, jitter=0.05, retry_max=5),
+        api=APISection(directory / "api.sock"),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "agent.toml").write_text(render_toml(config))
+    return directory / "agent.toml"
+
+
+def seed_operational(config_path: Path, tcti: str, authority: pki.Authority,
+                     lifetime: dt.timedelta = dt.timedelta(hours=1)) -> None:
+    """Give a device an operational credential directly, as if it had enrolled."""
+    config = AgentConfig.load(config_path)
+    with TPM(tcti) as tpm:
+        blob = tpm.create_key()
+    cert = authority.issue_client(config.device.id, blob.public_key(), lifetime)
+    store = CredentialStore(config.paths.state_dir)
+    store.activate(store.stage(blob, pki.cert_pem(cert)))
+
+
+@pytest.fixture
+def agent_env(swtpm: SoftwareTPM) -> dict[str, str]:
+    return swtpm.env
+
+
+@pytest.fixture
+def monitor(broker: Mosquitto, pki_dir: pki.PKIPaths,
+            backend: ClientFiles) -> Iterator[TelemetryMonitor]:
+    with TelemetryMonitor(port=broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
+                          key=backend.key) as telemetry:
+        yield telemetry
+
+
+@pytest.fixture
+def operational_device(tmp_path: Path, request: pytest.FixtureRequest, swtpm: SoftwareTPM,
+                       pki_dir: pki.PKIPaths, device_ca: pki.Authority,
+                       broker: Mosquitto) -> AgentProcess:
+    """A device that already holds an operational credential (no EST needed), not started."""
+    device_id = "op-" + request.node.name.replace("test_", "")[:40].replace("_", "-")
+    config = write_agent_config(tmp_path / "device", device_id, swtpm.tcti, pki_dir, broker.port)
+    seed_operational(config, swtpm.tcti, device_ca)
+    return AgentProcess(config, swtpm.env)
+
+
 # --- PKI and EST server ---
 # The server is the real est-server command (a supervisor and two workers) on a free
 # 127.0.0.1 port; the process helpers live in tests/est_support.py.
