@@ -110,6 +110,7 @@ class EnrollmentService:
               certificate: x509.Certificate | None) -> None:
         self.registry.audit(AuditEntry(
             action=operation.value, decision=decision.outcome.value, reason=decision.reason,
-            device_id=decision.device_id, status=decision.status,
+            device_id=decision.device_id or (peer.device_id if peer else None),
+            status=decision.status,
             peer_serial=peer.serial if peer else None,
             issued_serial=serial_hex(certificate.serial_number) if certificate else None))
