@@ -46,7 +46,7 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _signing_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def _signing_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
