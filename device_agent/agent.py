@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import hashlib
 import logging
 import queue
 import signal
@@ -18,6 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .config import AgentConfig
 from .credentials import CredentialStore, Generation
@@ -30,7 +34,7 @@ from .mqtt import MQTTLink
 from .outbox import Outbox
 from .status import write_status
 from .systemd import Notifier
-from .tls import active_provider, client_context
+from .tls import active_provider, client_context, releasing
 from .tpm import TPM, KeyBlob
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,11 @@ TICK = 0.2
 STATUS_EVERY = 2.0
 SWITCH_TIMEOUT = 60.0
 DRAIN_SECONDS = 5.0
+
+
+def _key_fingerprint(certificate: x509.Certificate) -> str:
+    der = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def jitter_draw(serial: int) -> float:
@@ -196,6 +205,8 @@ class Agent:
                                  tcti=self.config.device.tcti)
         if self.link is not None:
             self.link.stop(drain=1.0)
+            with releasing():
+                self.link = None
         self.generation = generation
         self._certificate = generation.certificate()
         mqtt = self.config.mqtt
@@ -297,6 +308,7 @@ class Agent:
             "state": self.state.value,
             "generation": self.generation.number if self.generation else None,
             "cert_serial": f"{cert.serial_number:x}" if cert else None,
+            "key_sha256": _key_fingerprint(cert) if cert else None,
             "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None,
             "renew_at": renew_at,
             "connected": bool(link and link.connected.is_set()),

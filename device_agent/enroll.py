@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .credentials import CredentialStore, Generation
 from .errors import ESTError
 from .est import ESTClient, ESTReply
 from .lifecycle import full_jitter
-from .tls import client_context
+from .tls import client_context, releasing
 from .tpm import TPM, KeyBlob, build_csr
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,29 @@ class Enroller:
         self.backoff_base = backoff_base
         self.last_server_date: datetime | None = None
 
-    def _client(self, url: str, cert: Path, key: Path) -> ESTClient:
+    @contextmanager
+    def _client(self, url: str, cert: Path, key: Path) -> Iterator[ESTClient]:
+        """An EST client whose TLS context is freed under the handshake lock."""
         context = client_context(certfile=cert, keyfile=key, cafile=self.config.paths.server_trust,
                                  tcti=self.config.device.tcti)
-        return ESTClient(url, context, self.config.est.timeout)
+        client = ESTClient(url, context, self.config.est.timeout)
+        try:
+            yield client
+        finally:
+            with releasing():
+                client.context = None  # type: ignore[assignment]
+                del context
 
     def enroll(self, attempts: int | None = None) -> Generation:
         """First boot: authenticate with the factory bootstrap credential."""
         paths = self.config.paths
-        client = self._client(self.config.est.url, paths.bootstrap_cert, paths.bootstrap_key)
-        return self._obtain(client, ESTClient.simpleenroll, "simpleenroll", attempts)
+        with self._client(self.config.est.url, paths.bootstrap_cert, paths.bootstrap_key) as est:
+            return self._obtain(est, ESTClient.simpleenroll, "simpleenroll", attempts)
 
     def renew(self, current: Generation, attempts: int | None = None) -> Generation:
         """Before expiry: authenticate with the current operational credential."""
-        client = self._client(self.config.est.url, current.cert_path, current.key_path)
-        return self._obtain(client, ESTClient.simplereenroll, "simplereenroll", attempts)
+        with self._client(self.config.est.url, current.cert_path, current.key_path) as est:
+            return self._obtain(est, ESTClient.simplereenroll, "simplereenroll", attempts)
 
     def _obtain(self, client: ESTClient, call: EnrollCall, name: str,
                 attempts: int | None) -> Generation:

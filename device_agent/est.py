@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from .errors import ESTError, ESTPendingError
+from .tls import handshake_lock
 
 WELL_KNOWN = "/.well-known/est"
 RECOVERY = "/.well-known/est/recovery"
@@ -73,6 +74,8 @@ class ESTClient:
         connection = http.client.HTTPSConnection(self.host, self.port, context=self.context,
                                                  timeout=self.timeout)
         try:
+            with handshake_lock:
+                connection.connect()
             connection.request(method, self.prefix + path, body=body, headers=headers)
             response = connection.getresponse()
             data = response.read(MAX_RESPONSE + 1)

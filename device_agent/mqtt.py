@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .lifecycle import full_jitter
+from .tls import handshake_lock
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,9 @@ class MQTTLink:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY
         try:
-            client.connect(self.host, self.port, self.keepalive, clean_start=False,
-                           properties=properties)
+            with handshake_lock:
+                client.connect(self.host, self.port, self.keepalive, clean_start=False,
+                               properties=properties)
         except (OSError, ssl.SSLError) as exc:
             self.stats.connect_failures += 1
             self.stats.error(f"connect to {self.host}:{self.port} failed: {exc}")

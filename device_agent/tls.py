@@ -25,9 +25,12 @@ and a single transient object, within the kernel resource manager's three
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +77,13 @@ class _OSSLParam(ctypes.Structure):
 
 _lock = threading.Lock()
 _active: ProviderInfo | None = None
+
+handshake_lock = threading.RLock()
+"""Held around everything that makes the provider talk to the TPM: loading a key into a
+context, a handshake, and freeing a context. tpm2-openssl keeps one ESYS context per
+process and does not lock it; two threads signing at once corrupt each other's
+commands (seen as "PEM lib", "unknown algorithm" and handshakes without a certificate
+in an agent that renewed while reconnecting)."""
 
 
 def _libcrypto() -> ctypes.CDLL:
@@ -140,6 +150,19 @@ def enable_tpm_provider(tcti: str) -> ProviderInfo:
         return _active
 
 
+@contextmanager
+def releasing() -> Iterator[None]:
+    """Drop references to TLS contexts inside this block: they are freed under the lock.
+
+    A context with a TPM key flushes that key from the TPM when it is freed, and
+    Python frees it when the last reference goes, in whichever thread that is.
+    The collector runs before the lock is released, for contexts held in cycles.
+    """
+    with handshake_lock:
+        yield
+        gc.collect()
+
+
 def active_provider() -> ProviderInfo | None:
     return _active
 
@@ -174,7 +197,8 @@ def client_context(
     context.check_hostname = True
     try:
         context.load_verify_locations(cafile=os.fspath(cafile))
-        context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
+        with handshake_lock:
+            context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
     except (ssl.SSLError, OSError) as exc:
         raise TLSSetupError(
             f"cannot use certificate {Path(certfile).name} with key {Path(keyfile).name}: {exc}"

@@ -73,7 +73,8 @@ class Authority:
         lifetime: dt.timedelta,
         not_before: dt.datetime | None,
     ) -> x509.CertificateBuilder:
-        start = not_before or _now() - dt.timedelta(seconds=60)
+        # Backdated against clock skew, by no more than a tenth of a short lifetime.
+        start = not_before or _now() - min(dt.timedelta(seconds=60), lifetime / 10)
         end = min(start + lifetime, self.certificate.not_valid_after_utc)
         return (
             x509.CertificateBuilder()

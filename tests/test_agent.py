@@ -157,7 +157,8 @@ def test_broker_refusing_the_certificate_is_reported_and_retried_with_backoff(
         assert agent.running()
     assert not status["connected"]
     assert status["link"]["connects"] == 0
-    assert "alert unknown ca" in status["link"]["last_error"].lower()
+    # the broker's "unknown CA" alert, or the bare EOF when its close wins the race
+    assert status["link"]["last_error"].startswith("broker did not admit us")
     # backoff: attempts spread out instead of one per tick
     assert status["link"]["connect_failures"] - early <= 6
     assert status["outbox_depth"] > 0  # telemetry kept, not dropped

@@ -1,0 +1,157 @@
+"""First boot, renewals and refusals: the real agent against the real EST server.
+
+Certificates here live 20 seconds, so a renewal comes every 13 to 14 seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent.config import AgentConfig, render_toml
+from provisioning import pki
+from provisioning.factory import LineSettings, LocalFactoryCA, provision
+from provisioning.registry import DeviceState, registrar
+from simulator.device import AgentProcess
+from simulator.monitor import TelemetryMonitor
+from simulator.processes import Mosquitto, SoftwareTPM
+
+from .conftest import ClientFiles
+from .est_support import ESTServer, running_est_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def enrollment_server(tmp_path_factory: pytest.TempPathFactory,
+                      pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
+    """The EST server of the broker's PKI, issuing 20-second certificates."""
+    with running_est_server(tmp_path_factory.mktemp("agent-est"), pki_dir,
+                            certificate_lifetime="20s") as server:
+        yield server
+
+
+def factory_device(directory: Path, device_id: str, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths,
+                   est: ESTServer, broker: Mosquitto) -> AgentProcess:
+    """Provisioned by the factory script's code, then tuned for a fast test."""
+    line = LineSettings(est_url=f"https://127.0.0.1:{est.port}", broker_host="127.0.0.1",
+                        broker_port=broker.port, server_trust=pki_dir.server_trust,
+                        state_dir=directory / "state", api_socket=directory / "api.sock")
+    provision(device_id, swtpm.tcti, directory / "etc", LocalFactoryCA(pki_dir), line,
+              registrar(est.registry_path))
+    config_path = directory / "etc" / "agent.toml"
+    text = render_toml(AgentConfig.load(config_path))
+    text = text.replace("telemetry_interval = 60.0", "telemetry_interval = 0.25")
+    text = text.replace("retry_max = 300.0", "retry_max = 4.0")
+    config_path.write_text(text)
+    return AgentProcess(config_path, swtpm.env)
+
+
+def test_first_boot_enrolls_with_the_bootstrap_identity_and_publishes(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, enrollment_server: ESTServer,
+    broker: Mosquitto, monitor: TelemetryMonitor,
+) -> None:
+    device = factory_device(tmp_path, "boot-1", swtpm, pki_dir, enrollment_server, broker)
+    assert not (device.config.paths.state_dir / "credentials").exists()
+    with device as agent:
+        status = agent.wait_for(lambda s: s.get("connected"), 30, "enrollment and connection")
+        assert monitor.wait_until(lambda: len(monitor.seqs("boot-1")) >= 3, 20)
+    assert status["generation"] == 1
+    with enrollment_server.registry() as registry:
+        issued = [c for c in registry.certificates("boot-1") if c.kind == "operational"]
+    assert [c.serial for c in issued] == [status["cert_serial"]]
+
+
+def test_two_renewals_rotate_the_tpm_key_and_lose_no_message(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, enrollment_server: ESTServer,
+    broker: Mosquitto, monitor: TelemetryMonitor,
+) -> None:
+    device = factory_device(tmp_path, "renew-1", swtpm, pki_dir, enrollment_server, broker)
+    keys: dict[int, str] = {}
+
+    def record(status: dict) -> bool:
+        if status.get("generation") and status.get("connected"):
+            keys[status["generation"]] = status["key_sha256"]
+        return len(keys) >= 3
+
+    with device as agent:
+        agent.wait_for(record, 75, "two renewals")
+        assert agent.stop() == 0
+    final = agent.status()
+    assert len(set(keys.values())) == len(keys) >= 3
+    assert final["outbox_depth"] == 0
+    last = final["last_seq"]
+    assert monitor.wait_until(lambda: not monitor.missing("renew-1", 1, last), 20), \
+        monitor.missing("renew-1", 1, last)
+    credentials = device.config.paths.state_dir / "credentials"
+    assert sorted(p.name for p in credentials.iterdir() if p.name.startswith("gen-")) == \
+        [f"gen-{final['generation']:06d}"]
+
+
+def test_est_refusal_is_reported_and_retried_with_backoff(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, enrollment_server: ESTServer,
+    broker: Mosquitto,
+) -> None:
+    device = factory_device(tmp_path, "refused-1", swtpm, pki_dir, enrollment_server, broker)
+    with enrollment_server.registry() as registry:
+        registry.set_state("refused-1", DeviceState.SUSPENDED, "test")
+    with device as agent:
+        status = agent.wait_for(lambda s: any("403" in e for e in s.get("errors", [])), 30,
+                                "the refusal")
+        time.sleep(6)
+        assert agent.running()
+        with enrollment_server.registry() as registry:
+            attempts = [e for e in registry.audit_log("refused-1") if e.decision == "refused"]
+    assert status["generation"] is None
+    assert 1 <= len(attempts) <= 6  # backoff, not one attempt per loop turn
+    credentials = device.config.paths.state_dir / "credentials"
+    assert not credentials.exists() or not any(p.name.startswith("gen-")
+                                               for p in credentials.iterdir())
+
+
+def test_commands_are_answered_through_the_response_topic(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, enrollment_server: ESTServer,
+    broker: Mosquitto, backend: ClientFiles,
+) -> None:
+    device = factory_device(tmp_path, "cmd-1", swtpm, pki_dir, enrollment_server, broker)
+    answers: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="backend",
+                         protocol=mqtt.MQTTv5)
+    context = ssl.create_default_context(cafile=str(pki_dir.server_trust))
+    context.load_cert_chain(str(backend.cert), str(backend.key))
+    client.tls_set_context(context)
+    client.on_message = lambda _c, _u, m: answers.put(
+        (m.payload, getattr(m.properties, "CorrelationData", b"")))
+    with device as agent:
+        first = agent.wait_for(lambda s: s.get("connected"), 30, "connection")
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            client.subscribe("devices/cmd-1/responses/#", qos=1)
+            time.sleep(0.5)
+            for name, correlation in (("ping", b"c-1"), ("renew-now", b"c-2")):
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.ResponseTopic = "devices/cmd-1/responses/backend"
+                properties.CorrelationData = correlation
+                client.publish(f"devices/cmd-1/commands/{name}", b"{}", qos=1,
+                               properties=properties)
+            replies = [answers.get(timeout=10), answers.get(timeout=10)]
+            renewed = agent.wait_for(lambda s: (s.get("generation") or 0) > first["generation"],
+                                     20, "the renewal asked for")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+            client._reset_sockets()  # noqa: SLF001 - see tests/test_broker.py close()
+    by_correlation = {c: json.loads(p) for p, c in replies}
+    assert by_correlation[b"c-1"]["ok"] and "pong" in by_correlation[b"c-1"]
+    assert by_correlation[b"c-2"] == {"ok": True, "accepted": "renew"}
+    assert renewed["key_sha256"] != first["key_sha256"]
