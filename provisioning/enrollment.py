@@ -15,6 +15,7 @@ when the request itself is malformed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -84,16 +85,23 @@ def _san(extensions: x509.Extensions) -> tuple[x509.GeneralName, ...] | None:
         return None
 
 
+@functools.lru_cache(maxsize=8)
+def _key_id(ca: x509.Certificate) -> bytes | None:
+    try:
+        return ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
     """Name and key identifier match; the TLS layer has already checked the signature."""
     if certificate.issuer != ca.subject:
         return False
     try:
         aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
         return False
-    return aki.key_identifier == ski.digest
+    return aki.key_identifier is not None and aki.key_identifier == _key_id(ca)
 
 
 @dataclass(frozen=True)

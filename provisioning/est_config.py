@@ -14,6 +14,7 @@ shutdown_timeout = 10
 directory = "/var/lib/device-pki"
 passphrase_file = "/etc/device-pki/passphrase"   # optional
 registry = "/var/lib/device-pki/registry.sqlite3"  # default: <directory>/registry.sqlite3
+registry_sync = "full"    # or "normal": no fsync per enrollment (see below)
 
 [policy]
 unknown_devices = "refuse"     # or "pending": 202 until `device-pki approve`
@@ -23,6 +24,13 @@ certificate_lifetime = "7d"    # or "90s", "12h", or an integer number of second
 ```
 
 Relative paths are read from the configuration file's directory.
+
+``registry_sync = "normal"`` trades durability for throughput: after a power
+cut (not a crash of the server) the last issuance records may be gone. Such a
+certificate is then "not on record", so the device cannot renew with it and
+falls back to simpleenroll with its bootstrap certificate; but the registry
+cannot revoke it by device, only by the serial in the server's log. Operator
+commands (device-pki) always write with a full sync.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class ServerConfig:
     pki_dir: Path
     registry: Path
     passphrase_file: Path | None = None
+    registry_sync: str = "full"
     host: str = "127.0.0.1"
     port: int = 8443
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -68,6 +77,7 @@ class ServerConfig:
             "server.busy_retry_after": self.busy_retry_after >= 1,
             "server.shutdown_timeout": self.shutdown_timeout > 0,
             "policy.certificate_lifetime": self.certificate_lifetime.total_seconds() >= 1,
+            "pki.registry_sync (full or normal)": self.registry_sync in ("full", "normal"),
         }
         for key, ok in checks.items():
             if not ok:
@@ -147,6 +157,7 @@ def load(path: str | Path) -> ServerConfig:
         pki_dir=pki_dir,
         registry=base / registry if registry else PKIPaths(pki_dir).registry,
         passphrase_file=base / secret if secret else None,
+        registry_sync=_take(pki, "pki", "registry_sync", str, "full"),
         host=_take(server, "server", "host", str, defaults.host),
         port=_take(server, "server", "port", int, defaults.port),
         workers=_take(server, "server", "workers", int, defaults.workers),

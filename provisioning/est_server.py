@@ -189,7 +189,8 @@ class Worker:
         paths = self.config.pki
         device_ca = pki.open_authority(paths.device_ca, self.config.passphrase())
         factory_ca = pki.load_certs(paths.factory_ca / "ca.pem")[0]
-        registry = self.stack.enter_context(open_registry(self.config.registry))
+        registry = self.stack.enter_context(
+            open_registry(self.config.registry, synchronous=self.config.registry_sync))
         self.service = EnrollmentService(device_ca, factory_ca, registry, self.config.policy,
                                          self.config.certificate_lifetime)
 

@@ -60,10 +60,11 @@ class EnrollmentService:
         )
 
     def handle(self, operation: Operation, peer_der: bytes | None, body: bytes) -> Result:
-        """Decide, sign outside any lock, then decide again and record under the write lock.
+        """Parse and verify the CSR first, then decide, sign and record under the write lock.
 
-        The second decision sees any suspension or revocation that landed while
-        we were signing; if it refuses, the signed certificate is dropped unseen.
+        Every decision writes an audit row, so the lock is needed anyway; holding
+        it from the first read means no suspension or revocation can land
+        between the decision and the record.
         """
         peer = self.peer(peer_der)
         csr: x509.CertificateSigningRequest | None = None
@@ -73,25 +74,17 @@ class EnrollmentService:
             request = Request.from_csr(csr)
         except EnrollmentRefused as refused:
             request = refused
-        now = dt.datetime.now(dt.UTC)
-        decision = decide(operation, peer, request, self._records(operation, peer), self.policy,
-                          now)
         certificate = None
-        if decision.outcome is Outcome.ISSUE:
-            assert csr is not None and decision.device_id is not None
-            certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
-                                                      self.lifetime)
         with self.registry.transaction():
-            if decision.outcome is not Outcome.REFUSE:
-                decision = decide(operation, peer, request, self._records(operation, peer),
-                                  self.policy, now)
+            decision = decide(operation, peer, request, self._records(operation, peer),
+                              self.policy, dt.datetime.now(dt.UTC))
             if decision.outcome is Outcome.ISSUE:
-                assert certificate is not None and decision.device_id is not None
+                assert csr is not None and decision.device_id is not None
+                certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
+                                                          self.lifetime)
                 self.registry.record_certificate(decision.device_id, certificate,
                                                  CertKind.OPERATIONAL)
-            else:
-                certificate = None
-            if decision.outcome is Outcome.HOLD:
+            elif decision.outcome is Outcome.HOLD:
                 assert peer is not None and decision.device_id is not None
                 self.registry.hold(decision.device_id, peer.certificate)
             self.audit(operation, peer, decision, certificate)

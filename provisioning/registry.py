@@ -278,10 +278,10 @@ class Registry:
     # --- certificates --------------------------------------------------------------------
 
     def record_certificate(self, device_id: str, certificate: x509.Certificate,
-                           kind: CertKind) -> CertificateRecord:
+                           kind: CertKind) -> None:
         serial = serial_hex(certificate.serial_number)
         try:
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO certificates (serial, device_id, kind, not_before, not_after,"
                 " public_key_sha256, status, recorded) VALUES (?, ?, ?, ?, ?, ?, 'issued', ?)"
                 " ON CONFLICT (serial) DO NOTHING",
@@ -290,11 +290,11 @@ class Registry:
                  public_key_fingerprint(certificate.public_key()), timestamp()))
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot record certificate {serial}: {exc}") from exc
-        record = self.certificate(serial)
-        assert record is not None
-        if record.device_id != device_id:
-            raise RegistryError(f"serial {serial} is already recorded for {record.device_id}")
-        return record
+        if cursor.rowcount == 0:
+            known = self.certificate(serial)
+            if known is None or known.device_id != device_id:
+                raise RegistryError(f"serial {serial} is already recorded for "
+                                    f"{known.device_id if known else 'another device'}")
 
     def certificate(self, serial: int | str) -> CertificateRecord | None:
         rows = self._query("SELECT serial, device_id, kind, not_before, not_after,"
@@ -424,13 +424,18 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 
 @contextmanager
-def open_registry(path: str | Path, busy_timeout: float = 10.0) -> Iterator[Registry]:
+def open_registry(path: str | Path, busy_timeout: float = 10.0,
+                  synchronous: str = "full") -> Iterator[Registry]:
     """One connection, for one process or thread; closed on exit.
 
-    ``synchronous=FULL``: a certificate handed to a device is on disk first,
-    so it can always be found and revoked later.
+    ``full`` (the default): a certificate handed to a device is on disk first,
+    so it can always be found and revoked later. ``normal`` skips the fsync at
+    each commit; a power cut may then forget the last issuance records (the
+    database stays consistent), see est_config.py for when that is acceptable.
     """
     path = Path(path)
+    if synchronous not in ("full", "normal"):
+        raise RegistryError(f"synchronous must be full or normal, not {synchronous!r}")
     try:
         db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
@@ -439,7 +444,7 @@ def open_registry(path: str | Path, busy_timeout: float = 10.0) -> Iterator[Regi
         try:
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")
+            db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             db.execute("PRAGMA foreign_keys = ON")
             _migrate(db, path)
         except sqlite3.Error as exc:
