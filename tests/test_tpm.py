@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,31 +17,11 @@ from device_agent.errors import (
     TPMUnreachableError,
 )
 from device_agent.tpm import SRK_HANDLE, TPM, KeyBlob, build_csr
-from simulator.processes import SoftwareTPM, require
+from simulator.processes import SoftwareTPM
+
+from .tpm_tools import attributes, field, load_and_read, readpublic
 
 pytestmark = pytest.mark.integration
-
-
-def readpublic(swtpm: SoftwareTPM, *args: str) -> str:
-    """tpm2-tools' view of an object, through the TPM's resource manager."""
-    result = subprocess.run(
-        [require("tpm2_readpublic"), "-T", swtpm.tcti, *args],
-        capture_output=True, text=True, env={**swtpm.env, "PATH": "/usr/bin:/bin"}, check=True,
-    )
-    return result.stdout
-
-
-def field(readpublic_output: str, name: str) -> str:
-    """The ``value:`` under a top-level key of tpm2_readpublic's YAML output."""
-    lines = readpublic_output.splitlines()
-    for i, line in enumerate(lines):
-        if line == f"{name}:" and lines[i + 1].strip().startswith("value:"):
-            return lines[i + 1].split(":", 1)[1].strip()
-    raise AssertionError(f"no {name} in:\n{readpublic_output}")
-
-
-def attributes(readpublic_output: str) -> set[str]:
-    return set(field(readpublic_output, "attributes").split("|"))
 
 
 def test_storage_root_key_is_a_persistent_ecc_storage_primary(swtpm: SoftwareTPM) -> None:
@@ -67,15 +46,7 @@ def test_storage_root_key_is_reused_not_recreated(swtpm: SoftwareTPM) -> None:
 def test_signing_key_attributes_as_the_tpm_reports_them(
     swtpm: SoftwareTPM, key_file: Path, tmp_path: Path
 ) -> None:
-    tss = TSSPrivKey.from_pem(key_file.read_bytes())
-    (tmp_path / "key.pub").write_bytes(tss.public.marshal())
-    (tmp_path / "key.priv").write_bytes(tss.private.marshal())
-    subprocess.run(
-        ["tpm2_load", "-T", swtpm.tcti, "-C", hex(SRK_HANDLE), "-u", str(tmp_path / "key.pub"),
-         "-r", str(tmp_path / "key.priv"), "-c", str(tmp_path / "key.ctx")],
-        check=True, capture_output=True, env={**swtpm.env, "PATH": "/usr/bin:/bin"},
-    )
-    out = readpublic(swtpm, "-c", str(tmp_path / "key.ctx"))
+    out = load_and_read(swtpm, key_file, tmp_path)
     assert attributes(out) == {"fixedtpm", "fixedparent", "sensitivedataorigin",
                                "userwithauth", "sign"}
     assert field(out, "type") == "ecc"

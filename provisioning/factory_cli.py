@@ -1,0 +1,109 @@
+"""``device-provision``: the factory line's command, one device or a CSV batch.
+
+One device prints its JSON summary; a batch prints one JSON line per device
+and a closing tally, carries on past failures, and exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from device_agent.errors import IdentityError
+
+from . import pki
+from .factory import LineSettings, LocalFactoryCA, provision
+from .registry import registrar
+
+
+def _line(args: argparse.Namespace) -> LineSettings:
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise IdentityError(f"--broker must be HOST:PORT, got {args.broker!r}")
+    return LineSettings(
+        est_url=args.est_url, broker_host=host, broker_port=int(port),
+        server_trust=pki.PKIPaths(args.pki).server_trust, state_dir=args.state_dir,
+        installed_dir=args.installed_dir,
+    )
+
+
+def _signer(args: argparse.Namespace) -> LocalFactoryCA:
+    passphrase = None
+    if args.passphrase_file:
+        try:
+            passphrase = Path(args.passphrase_file).read_bytes().strip()
+        except OSError as exc:
+            raise IdentityError(f"cannot read {args.passphrase_file}: {exc.strerror}") from exc
+    return LocalFactoryCA(pki.PKIPaths(args.pki), passphrase)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Rows of device_id,tcti,out_dir; a header row is optional."""
+    line, signer, register = _line(args), _signer(args), registrar(args.registry)
+    failed = done = 0
+    with open(args.batch, newline="", encoding="utf-8") as rows:
+        for number, row in enumerate(csv.reader(rows), start=1):
+            if not row or row[0].strip().startswith("#") or row[0].strip() == "device_id":
+                continue
+            if len(row) != 3:
+                print(json.dumps({"row": number, "ok": False,
+                                  "error": "expected 3 columns device_id,tcti,out_dir "
+                                           "(quote a TCTI that contains commas)"}), flush=True)
+                failed += 1
+                continue
+            device_id, tcti, out_dir = (cell.strip() for cell in row)
+            try:
+                summary = provision(device_id, tcti, Path(out_dir), signer, line, register,
+                                    force=args.force)
+            except (IdentityError, OSError) as exc:  # one device must not stop the line
+                failed += 1
+                print(json.dumps({"row": number, "device_id": device_id, "ok": False,
+                                  "error": str(exc)}), flush=True)
+                continue
+            done += 1
+            print(json.dumps({"row": number, "device_id": device_id, "ok": True,
+                              "bootstrap_serial": summary.bootstrap_serial}), flush=True)
+    print(json.dumps({"provisioned": done, "failed": failed}), flush=True)
+    return 1 if failed else 0
+
+
+def _single(args: argparse.Namespace) -> int:
+    if not (args.device_id and args.tcti and args.out):
+        raise IdentityError("give --device-id, --tcti and --out, or --batch CSV")
+    summary = provision(args.device_id, args.tcti, Path(args.out), _signer(args), _line(args),
+                        registrar(args.registry), force=args.force)
+    print(summary.to_json())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="device-provision", description=__doc__)
+    parser.add_argument("--pki", type=Path, required=True, help="PKI directory (device-pki init)")
+    parser.add_argument("--registry", type=Path, required=True, help="registry database")
+    parser.add_argument("--passphrase-file", help="passphrase of the Factory CA key")
+    parser.add_argument("--est-url", required=True, help="https://host:port of the EST server")
+    parser.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
+    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/device-agent"))
+    parser.add_argument("--installed-dir", type=Path,
+                        help="where the output directory will live on the device")
+    parser.add_argument("--device-id")
+    parser.add_argument("--tcti", help="e.g. device:/dev/tpmrm0")
+    parser.add_argument("--out", help="the device's configuration directory")
+    parser.add_argument("--batch", type=Path, help="CSV of device_id,tcti,out_dir")
+    parser.add_argument("--force", action="store_true",
+                        help="re-provision; the old bootstrap certificate is revoked")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TSS2_LOG", "all+none")
+    try:
+        return _batch(args) if args.batch else _single(args)
+    except (IdentityError, OSError) as exc:
+        print(f"device-provision: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""device-provision on real swtpm: the bootstrap identity, idempotency, refusals, batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent.config import AgentConfig
+from provisioning import pki
+from provisioning.registry import open_registry
+from simulator.processes import SoftwareTPM, require
+
+from .tpm_tools import attributes, load_and_read
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A factory line: its own PKI and registry."""
+    base = tmp_path_factory.mktemp("line")
+    paths = pki.init_pki(base / "pki")
+    return {"pki": paths.base, "registry": base / "registry.sqlite3"}
+
+
+def provision(line: dict[str, Path], *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "provisioning.factory_cli", "--pki", str(line["pki"]),
+         "--registry", str(line["registry"]), "--est-url", "https://est.example:8443",
+         "--broker", "broker.example:8883", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "TSS2_LOG": "all+none", **(env or {})},
+    )
+
+
+def listing(directory: Path) -> list[str]:
+    if not directory.exists():
+        return []
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_bootstrap_key_is_tpm_generated_and_not_duplicable(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    result = provision(line, "--device-id", "fab-1", "--tcti", swtpm.tcti, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    shown = attributes(load_and_read(swtpm, out / "bootstrap.tss", tmp_path))
+    assert {"fixedtpm", "fixedparent", "sensitivedataorigin"} <= shown
+    assert "sign" in shown and "decrypt" not in shown
+
+
+def test_bootstrap_certificate_verifies_against_the_factory_ca(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    assert provision(line, "--device-id", "fab-2", "--tcti", swtpm.tcti,
+                     "--out", str(out)).returncode == 0
+    verify = subprocess.run(
+        [require("openssl"), "verify", "-CAfile",
+         str(pki.PKIPaths(line["pki"]).factory_ca / "ca.pem"), str(out / "bootstrap.pem")],
+        capture_output=True, text=True, check=False)
+    assert verify.returncode == 0 and verify.stdout.strip().endswith(": OK")
+
+
+def test_written_agent_config_is_accepted_by_the_agent(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    assert provision(line, "--device-id", "fab-3", "--tcti", swtpm.tcti,
+                     "--out", str(out)).returncode == 0
+    config = AgentConfig.load(out / "agent.toml")
+    assert config.device.id == "fab-3" and config.device.tcti == swtpm.tcti
+    assert config.paths.bootstrap_key == out / "bootstrap.tss"
+    assert (out / "trust.pem").read_bytes() == \
+        pki.PKIPaths(line["pki"]).server_trust.read_bytes()
+    assert (out / "bootstrap.tss").stat().st_mode & 0o777 == 0o600
+
+
+def test_summary_names_the_device_and_the_registry_allowlists_it(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    result = provision(line, "--device-id", "fab-4", "--tcti", swtpm.tcti,
+                       "--out", str(tmp_path / "etc"))
+    summary = json.loads(result.stdout)
+    assert summary["device_id"] == "fab-4"
+    assert "BEGIN PUBLIC KEY" in summary["public_key_pem"]
+    with open_registry(line["registry"]) as registry:
+        device = registry.device("fab-4")
+    assert device is not None and device.bootstrap_fingerprint == \
+        summary["bootstrap_fingerprint_sha256"]
+
+
+def test_running_again_changes_nothing_and_prints_the_same_summary(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    first = provision(line, "--device-id", "fab-5", "--tcti", swtpm.tcti, "--out", str(out))
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = provision(line, "--device-id", "fab-5", "--tcti", swtpm.tcti, "--out", str(out))
+    assert second.returncode == 0
+    assert second.stdout == first.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_force_reprovisions_and_revokes_the_old_bootstrap_certificate(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    first = json.loads(provision(line, "--device-id", "fab-6", "--tcti", swtpm.tcti,
+                                 "--out", str(out)).stdout)
+    forced = provision(line, "--device-id", "fab-6", "--tcti", swtpm.tcti, "--out", str(out),
+                       "--force")
+    assert forced.returncode == 0, forced.stderr
+    second = json.loads(forced.stdout)
+    assert second["bootstrap_serial"] != first["bootstrap_serial"]
+    assert second["public_key_pem"] != first["public_key_pem"]
+    with open_registry(line["registry"]) as registry:
+        records = {c.serial: c for c in registry.certificates("fab-6")}
+    assert records[first["bootstrap_serial"]].revoked
+    assert not records[second["bootstrap_serial"]].revoked
+
+
+@pytest.fixture
+def locked_line(tmp_path: Path) -> dict[str, Path]:
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("line secret\n")
+    paths = pki.init_pki(tmp_path / "pki", passphrase=b"line secret")
+    return {"pki": paths.base, "registry": tmp_path / "registry.sqlite3"}
+
+
+def test_refusals_leave_no_partial_files(
+    line: dict[str, Path], locked_line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    cases = {
+        "malformed device ID": (line, ["--device-id", "bad/id", "--tcti", swtpm.tcti]),
+        "TPM unreachable": (line, ["--device-id", "fab-x1",
+                                   "--tcti", "swtpm:host=127.0.0.1,port=9"]),
+        "Factory CA key locked": (locked_line, ["--device-id", "fab-x2", "--tcti", swtpm.tcti]),
+    }
+    missing = tmp_path / "missing-key-pki"
+    pki.init_pki(missing)
+    (missing / "factory-ca" / "ca.key").unlink()
+    cases["Factory CA key missing"] = ({"pki": missing, "registry": line["registry"]},
+                                       ["--device-id", "fab-x3", "--tcti", swtpm.tcti])
+    expected = {"malformed device ID": "malformed device ID", "TPM unreachable": "no TPM",
+                "Factory CA key locked": "Factory CA key", "Factory CA key missing":
+                "Factory CA key missing"}
+    for name, (which, args) in cases.items():
+        out = tmp_path / name.replace(" ", "-")
+        before = listing(tmp_path)
+        result = provision(which, *args, "--out", str(out))
+        assert result.returncode != 0, name
+        assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+        assert expected[name] in result.stderr, (name, result.stderr)
+        assert listing(tmp_path) == before, name
+
+
+def test_output_directory_of_another_device_is_refused_and_kept(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    assert provision(line, "--device-id", "fab-7", "--tcti", swtpm.tcti,
+                     "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = provision(line, "--device-id", "fab-8", "--tcti", swtpm.tcti, "--out", str(out))
+    assert result.returncode != 0
+    assert "holds the identity of fab-7" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert listing(tmp_path).count("etc") == 1
+
+
+@pytest.fixture
+def line_of_tpms(tmp_path: Path) -> Iterator[list[SoftwareTPM]]:
+    tpms = [SoftwareTPM(tmp_path / f"tpm-{i}", None, f"line{i}") for i in range(20)]
+    started: list[SoftwareTPM] = []
+    try:
+        for tpm in tpms:
+            tpm.__enter__()
+            started.append(tpm)
+        yield tpms
+    finally:
+        for tpm in started:
+            tpm.stop()
+
+
+def test_batch_of_twenty_carries_on_past_a_broken_tpm(
+    line: dict[str, Path], line_of_tpms: list[SoftwareTPM], tmp_path: Path,
+) -> None:
+    with open(tmp_path / "line.csv", "w", newline="") as sheet:
+        writer = csv.writer(sheet)  # quotes TCTIs, which contain commas
+        writer.writerow(["device_id", "tcti", "out_dir"])
+        for i, tpm in enumerate(line_of_tpms):
+            tcti = "swtpm:host=127.0.0.1,port=9" if i == 10 else tpm.tcti
+            writer.writerow([f"batch-{i:02d}", tcti, tmp_path / f"dev-{i:02d}"])
+    result = provision(line, "--batch", str(tmp_path / "line.csv"))
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert result.returncode != 0
+    assert lines[-1] == {"provisioned": 19, "failed": 1}
+    failed = [x for x in lines[:-1] if not x["ok"]]
+    assert [x["device_id"] for x in failed] == ["batch-10"]
+    assert not (tmp_path / "dev-10").exists()
+    assert all((tmp_path / f"dev-{i:02d}" / "agent.toml").exists() for i in range(20) if i != 10)
