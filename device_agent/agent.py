@@ -26,8 +26,17 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .enroll import Enroller
-from .errors import IdentityError, OutboxCorruptError
-from .lifecycle import Action, RenewalPolicy, State, Validity, decide, full_jitter, renewal_time
+from .errors import ESTError, IdentityError, OutboxCorruptError
+from .lifecycle import (
+    Action,
+    RenewalPolicy,
+    State,
+    Validity,
+    clock_plausible,
+    decide,
+    full_jitter,
+    renewal_time,
+)
 from .localapi import LocalAPI
 from .metrics import system_metrics
 from .mqtt import MQTTLink
@@ -68,7 +77,9 @@ class Agent:
         self.link: MQTTLink | None = None
         self.generation: Generation | None = None
         self._worker: threading.Thread | None = None
-        self._results: queue.Queue[Generation | BaseException] = queue.Queue()
+        self._results: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._clock_offset: dt.timedelta | None = None
+        self._bootstrap_fallback = False
         self._retry_at = 0.0
         self._failures = 0
         self._switch_deadline: float | None = None
@@ -167,27 +178,43 @@ class Agent:
         if self._due("status", STATUS_EVERY):
             self._write_status()
 
-    def _spawn(self, work: Callable[[], Generation], name: str) -> None:
+    def _spawn(self, work: Callable[[], object], name: str) -> None:
         def run() -> None:
             try:
-                self._results.put(work())
+                self._results.put((name, work()))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
-                self._results.put(exc)
+                self._results.put((name, exc))
 
         self._worker = threading.Thread(target=run, name=name, daemon=True)
         self._worker.start()
 
     def _collect_worker(self) -> None:
         try:
-            result = self._results.get_nowait()
+            name, result = self._results.get_nowait()
         except queue.Empty:
             return
         self._worker = None
+        if isinstance(result, dt.datetime):
+            self._clock_offset = result - dt.datetime.now(dt.UTC)
+            log.warning("local clock is off by %s; using the EST server's time",
+                        self._clock_offset)
+            if self.generation is not None:
+                self._use(self.generation)  # contexts built for the clock we now have
+            return
         if isinstance(result, Generation):
             self._failures = 0
+            if name in ("recovery", "bootstrap"):
+                log.info("recovered through %s", name)
+            self._bootstrap_fallback = False
             self.store.activate(result)
             self._use(result)
             self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
+            return
+        if name == "recovery" and isinstance(result, ESTError) and result.status in (401, 403):
+            self._bootstrap_fallback = True  # past the grace window: the bootstrap path decides
+            self._retry_at = 0.0
+            self._error(f"recovery refused ({result.reason or result}); "
+                        "falling back to the bootstrap certificate")
             return
         self._failures += 1
         hint = getattr(result, "retry_after", None) or 0.0
@@ -202,7 +229,8 @@ class Agent:
         KeyBlob.read(generation.key_path)  # a clear error for a damaged blob, before OpenSSL's
         context = client_context(certfile=generation.cert_path, keyfile=generation.key_path,
                                  cafile=self.config.paths.server_trust,
-                                 tcti=self.config.device.tcti)
+                                 tcti=self.config.device.tcti,
+                                 check_time=clock_plausible(dt.datetime.now(dt.UTC)))
         if self.link is not None:
             self.link.stop(drain=1.0)
             with releasing():
@@ -233,8 +261,27 @@ class Agent:
             self._error("new credential did not reach the broker; rolling back")
             self._use(self.store.rollback())
 
+    def _now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + (self._clock_offset or dt.timedelta())
+
+    def _system_clock_ok(self) -> bool:
+        """Whether the system clock (which OpenSSL also uses) can be believed."""
+        cert = getattr(self, "_certificate", None)
+        validity = Validity(cert.not_valid_before_utc, cert.not_valid_after_utc) if cert else None
+        return clock_plausible(dt.datetime.now(dt.UTC), validity)
+
+    def _peer_says_expired(self) -> bool:
+        link = self.link
+        return bool(link and not link.connected.is_set()
+                    and "certificate expired" in link.stats.last_error.lower())
+
     def _consider_renewal(self) -> None:
         if self._worker is not None or time.monotonic() < self._retry_at:
+            return
+        system_ok = self._system_clock_ok()
+        self.enroller.check_time = system_ok
+        if not system_ok and self._clock_offset is None:
+            self._spawn(self.enroller.server_time, "clock")
             return
         if self.generation is None:
             if self.state is State.ENROLLING:
@@ -242,8 +289,10 @@ class Agent:
             return
         validity = Validity(self._certificate.not_valid_before_utc,
                             self._certificate.not_valid_after_utc)
-        action = decide(validity, dt.datetime.now(dt.UTC), self._policy(),
+        action = decide(validity, self._now(), self._policy(),
                         jitter_draw(self._certificate.serial_number))
+        if action is Action.NONE and self._peer_says_expired():
+            action = Action.RECOVER
         if self.renew_requested.is_set():
             self.renew_requested.clear()
             action = Action.RENEW if action is Action.NONE else action
@@ -252,8 +301,12 @@ class Agent:
             current = self.generation
             self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
         elif action is Action.RECOVER:
-            self.state = State.EXPIRED
-            self._spawn(lambda: self.enroller.enroll(attempts=1), "recover")
+            self.state = State.RECOVERING
+            expired = self.generation
+            if self.config.est.recovery_url and not self._bootstrap_fallback:
+                self._spawn(lambda: self.enroller.recover(expired, attempts=1), "recovery")
+            else:
+                self._spawn(lambda: self.enroller.enroll(attempts=1), "bootstrap")
 
     def _policy(self) -> RenewalPolicy:
         return RenewalPolicy(self.config.renewal.fraction, self.config.renewal.jitter)
@@ -318,6 +371,8 @@ class Agent:
             "outbox_dropped": self.outbox.dropped(),
             "last_seq": self.outbox.last_seq(),
             "tpm2_openssl": provider.version if provider else None,
+            "clock_offset_s": self._clock_offset.total_seconds()
+            if self._clock_offset is not None else None,
             "errors": list(self.errors),
         }
 

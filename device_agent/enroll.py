@@ -27,7 +27,7 @@ from .credentials import CredentialStore, Generation
 from .errors import ESTError
 from .est import ESTClient, ESTReply
 from .lifecycle import full_jitter
-from .tls import client_context, releasing
+from .tls import NO_CHECK_TIME, client_context, releasing
 from .tpm import TPM, KeyBlob, build_csr
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,14 @@ class Enroller:
         self.store = store
         self.stop = stop
         self.backoff_base = backoff_base
+        self.check_time = True  # cleared by the agent while its clock is not to be trusted
         self.last_server_date: datetime | None = None
 
     @contextmanager
-    def _client(self, url: str, cert: Path, key: Path) -> Iterator[ESTClient]:
+    def _client(self, url: str, cert: Path | None, key: Path | None) -> Iterator[ESTClient]:
         """An EST client whose TLS context is freed under the handshake lock."""
         context = client_context(certfile=cert, keyfile=key, cafile=self.config.paths.server_trust,
-                                 tcti=self.config.device.tcti)
+                                 tcti=self.config.device.tcti, check_time=self.check_time)
         client = ESTClient(url, context, self.config.est.timeout)
         try:
             yield client
@@ -68,6 +69,20 @@ class Enroller:
         """Before expiry: authenticate with the current operational credential."""
         with self._client(self.config.est.url, current.cert_path, current.key_path) as est:
             return self._obtain(est, ESTClient.simplereenroll, "simplereenroll", attempts)
+
+    def recover(self, expired: Generation, attempts: int | None = None) -> Generation:
+        """After expiry: the expired operational credential, on the recovery listener."""
+        url = self.config.est.recovery_url
+        if url is None:
+            raise ESTError("no [est] recovery_url configured", 403, "no recovery listener")
+        with self._client(url, expired.cert_path, expired.key_path) as est:
+            return self._obtain(est, ESTClient.recovery_reenroll, "recovery", attempts)
+
+    def server_time(self) -> datetime:
+        """The EST server's clock, fetched without trusting our own for the TLS dates."""
+        with self._client(self.config.est.url, None, None) as est:
+            est.context.verify_flags |= NO_CHECK_TIME  # type: ignore[assignment]
+            return est.server_time()
 
     def _obtain(self, client: ESTClient, call: EnrollCall, name: str,
                 attempts: int | None) -> Generation:

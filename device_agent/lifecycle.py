@@ -68,6 +68,21 @@ def decide(validity: Validity, now: dt.datetime, policy: RenewalPolicy, draw: fl
     return Action.NONE
 
 
+CLOCK_FLOOR = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+"""No device running this release can truly be earlier than its release month."""
+
+
+def clock_plausible(now: dt.datetime, validity: Validity | None = None) -> bool:
+    """False for a clock that lost its time (an RTC reset to 1970, say).
+
+    A clock earlier than this release, or more than an hour before our own
+    certificate was issued, is not to be believed for expiry decisions.
+    """
+    if now < CLOCK_FLOOR:
+        return False
+    return validity is None or now >= validity.not_before - dt.timedelta(hours=1)
+
+
 def seconds_until_renewal(validity: Validity, now: dt.datetime, policy: RenewalPolicy,
                           draw: float) -> float:
     return max(0.0, (renewal_time(validity, policy, draw) - now).total_seconds())

@@ -30,7 +30,8 @@ def read_status(state_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"running": False, "error": f"unreadable status {path}: {exc}"}
     alive = _alive(int(status.get("pid", 0)))
-    fresh = time.time() - float(status.get("updated", 0)) < STALE_AFTER
+    # the file's mtime comes from the kernel: right even when the agent's clock is not
+    fresh = time.time() - path.stat().st_mtime < STALE_AFTER
     status["running"] = alive and fresh
     return status
 

@@ -32,7 +32,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import TLSSetupError
 
@@ -175,19 +174,25 @@ def is_tpm_key_file(path: str | os.PathLike[str]) -> bool:
         raise TLSSetupError(f"cannot read key file {path}: {exc.strerror}") from exc
 
 
+NO_CHECK_TIME = 0x200000  # X509_V_FLAG_NO_CHECK_TIME
+
+
 def client_context(
     *,
-    certfile: str | os.PathLike[str],
-    keyfile: str | os.PathLike[str],
+    certfile: str | os.PathLike[str] | None,
+    keyfile: str | os.PathLike[str] | None,
     cafile: str | os.PathLike[str],
     tcti: str | None = None,
+    check_time: bool = True,
 ) -> ssl.SSLContext:
     """A client context for mutual TLS: TLS 1.2 or newer, server name checked, ``cafile`` only.
 
     The system trust store is never consulted: a device trusts exactly the
-    anchors it was provisioned with. A TSS2 key file needs ``tcti``.
+    anchors it was provisioned with. A TSS2 key file needs ``tcti``. Without
+    ``check_time`` the chain and name are still verified but not the validity
+    dates: for a device whose clock is known to be wrong (lifecycle.py).
     """
-    if is_tpm_key_file(keyfile):
+    if keyfile is not None and is_tpm_key_file(keyfile):
         if tcti is None:
             raise TLSSetupError(f"{keyfile} is a TPM key: a TCTI is needed to use it")
         enable_tpm_provider(tcti)
@@ -195,12 +200,15 @@ def client_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
+    if not check_time:
+        context.verify_flags |= NO_CHECK_TIME  # type: ignore[assignment]
     try:
         context.load_verify_locations(cafile=os.fspath(cafile))
-        with handshake_lock:
-            context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
+        if certfile is not None and keyfile is not None:
+            with handshake_lock:
+                context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
     except (ssl.SSLError, OSError) as exc:
         raise TLSSetupError(
-            f"cannot use certificate {Path(certfile).name} with key {Path(keyfile).name}: {exc}"
+            f"cannot use certificate {certfile} with key {keyfile}: {exc}"
         ) from exc
     return context
