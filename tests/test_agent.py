@@ -6,6 +6,7 @@ and renewal over EST are in test_agent_enrollment.py.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -243,3 +244,22 @@ def test_status_command_prints_identity_expiry_connection_and_outbox(
 def test_agent_config_written_by_the_tests_loads(operational_device: AgentProcess) -> None:
     assert AgentConfig.load(operational_device.config_path).device.id == \
         operational_device.device_id
+
+
+def test_sighup_reloads_a_valid_config_and_keeps_the_running_one_on_a_broken_one(
+    operational_device: AgentProcess,
+) -> None:
+    path = operational_device.config_path
+    original = path.read_text()
+    with operational_device as agent:
+        agent.wait_for(connected, 20, "broker connection")
+        path.write_text(original.replace("keepalive = 10", "keepalive = 12"))
+        agent.process.send_signal(signal.SIGHUP)
+        agent.wait_for(lambda s: "configuration reloaded" in agent.log_text()
+                       and s.get("connected"), 20, "reload and reconnection")
+        path.write_text(original.replace("port = ", 'port = "broken" #', 1))
+        agent.process.send_signal(signal.SIGHUP)
+        status = agent.wait_for(lambda s: any("reload refused" in e for e in s["errors"]), 20,
+                                "the refused reload")
+        assert agent.running() and status["connected"]
+    assert "[mqtt] port: must be an integer" in " ".join(status["errors"])
