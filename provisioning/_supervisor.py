@@ -21,7 +21,7 @@ from pathlib import Path
 from . import pki
 from .errors import ProvisioningError
 from .est_config import ServerConfig
-from .est_server import log_event, server_context
+from .est_server import log_event, recovery_context, server_context
 from .registry import open_registry
 
 READY_TIMEOUT = 30.0
@@ -73,6 +73,8 @@ class _Workers:
 def preflight(config: ServerConfig) -> None:
     pki.open_authority(config.pki.device_ca, config.passphrase())
     server_context(config.pki)
+    if config.recovery_port is not None:
+        recovery_context(config.pki)
     with open_registry(config.registry):
         pass
 
@@ -92,7 +94,8 @@ def supervise(config: ServerConfig, config_path: Path) -> int:
     try:
         for index in range(config.workers):
             workers.start(index)
-        log_event("ready", host=config.host, port=config.port, workers=config.workers,
+        log_event("ready", host=config.host, port=config.port,
+                  recovery_port=config.recovery_port, workers=config.workers,
                   pids=[p.pid for p in workers.procs.values()])
         while not stop:
             time.sleep(0.2)

@@ -6,16 +6,26 @@ the HTTP status and the reason the client and the audit log will read. No I/O
 happens here, so every rule is tested without a server.
 
 Status conventions: 401 when the client is not authenticated for this endpoint
-(no certificate, the wrong kind of certificate, one that is not on record),
-403 when it is authenticated but not allowed (device not allowlisted or not
-active, revoked certificate, a CSR for another identity, a refused key), 400
+(no certificate, the wrong kind of certificate, one that is not on record, a
+still-valid certificate on the recovery listener), 403 when it is authenticated
+but not allowed (device not allowlisted or not active, revoked or superseded
+certificate, expired past the recovery grace, a CSR for another identity, a
+refused key, bootstrap re-enrollment switched off), 429 with Retry-After when a
+device has used up its recoveries or bootstrap re-enrollments for 24 hours, 400
 when the request itself is malformed.
+
+Recovery (issue 6) exists because a device that sat in a warehouse comes back
+with an expired certificate: the recovery listener lets that certificate
+through TLS, and :func:`decide` bounds what it may still do (a grace window,
+the device's latest certificate only, a new key, a daily budget). Past the
+grace window the bootstrap certificate is the way back, under its own budget.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -41,6 +51,13 @@ from .registry import (
 class Operation(StrEnum):
     ENROLL = "simpleenroll"
     REENROLL = "simplereenroll"
+    RECOVER = "recovery"
+
+
+# How an issuance's audit reason starts; the registry counts them for the daily budgets.
+RECOVERED = "recovered"
+REENROLLED_WITH_BOOTSTRAP = "re-enrolled with bootstrap"
+BUDGET_WINDOW = dt.timedelta(hours=24)
 
 
 class Outcome(StrEnum):
@@ -56,15 +73,31 @@ class UnknownDevices(StrEnum):
     PENDING = "pending"
 
 
+class BootstrapReenroll(StrEnum):
+    """Whether a device that already had operational certificates may enroll again."""
+
+    ACTIVE = "active"
+    NEVER = "never"
+
+
 @dataclass(frozen=True)
 class Policy:
     unknown_devices: UnknownDevices = UnknownDevices.REFUSE
     require_new_key: bool = True
     pending_retry_after: int = 60
+    recovery_grace: dt.timedelta = dt.timedelta(days=90)
+    recoveries_per_day: int = 3
+    bootstrap_reenroll: BootstrapReenroll = BootstrapReenroll.ACTIVE
+    bootstrap_reenrolls_per_day: int = 3
 
     def __post_init__(self) -> None:
         if self.pending_retry_after < 1:
             raise ValueError("pending_retry_after must be at least 1 second")
+        if self.recovery_grace < dt.timedelta(0):
+            raise ValueError("recovery_grace must not be negative")
+        if self.recoveries_per_day < 1 or self.bootstrap_reenrolls_per_day < 1:
+            raise ValueError("recoveries_per_day and bootstrap_reenrolls_per_day must be at "
+                             "least 1")
 
 
 class Issuer(StrEnum):
@@ -151,21 +184,33 @@ class Request:
 
 @dataclass(frozen=True)
 class Records:
-    """What the registry knows about the peer; empty for a peer it has never seen."""
+    """What the registry knows about the peer; empty for a peer it has never seen.
+
+    ``latest_serial`` is the device's most recently issued operational
+    certificate, ``unexpired_serials`` those not revoked and still valid, and
+    ``recent`` when the device last used the budget of this operation (recoveries
+    or bootstrap re-enrollments) within :data:`BUDGET_WINDOW`.
+    """
 
     device: Device | None = None
     peer_record: CertificateRecord | None = None
     pending: PendingRequest | None = None
     known_keys: frozenset[str] = frozenset()
+    latest_serial: str | None = None
+    unexpired_serials: tuple[str, ...] = ()
+    recent: tuple[dt.datetime, ...] = ()
 
 
 @dataclass(frozen=True)
 class Decision:
+    """The answer; ``supersede`` lists the serials to revoke (superseded) with an issuance."""
+
     outcome: Outcome
     status: int
     reason: str
     device_id: str | None = None
     retry_after: int | None = None
+    supersede: tuple[str, ...] = ()
 
 
 def _refuse(status: int, reason: str, device_id: str | None = None) -> Decision:
@@ -178,12 +223,14 @@ def decide(operation: Operation, peer: Peer | None, request: Request | Enrollmen
     if peer is None:
         return _refuse(401, "no client certificate")
     if operation is Operation.ENROLL:
-        return _enroll(peer, request, records, policy)
+        return _enroll(peer, request, records, policy, now)
+    if operation is Operation.RECOVER:
+        return _recover(peer, request, records, policy, now)
     return _reenroll(peer, request, records, policy, now)
 
 
 def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
-            policy: Policy) -> Decision:
+            policy: Policy, now: dt.datetime) -> Decision:
     if peer.issuer is not Issuer.FACTORY:
         return _refuse(401, "simpleenroll takes a bootstrap certificate from the Factory CA")
     device_id = peer.device_id
@@ -201,6 +248,15 @@ def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
         return _refuse(403, f"bootstrap certificate {peer.serial} is revoked", device_id)
     if device is not None and device.state is not DeviceState.ACTIVE:
         return _refuse(403, f"device {device_id} is {device.state.value}", device_id)
+    again = records.latest_serial is not None
+    if again and policy.bootstrap_reenroll is BootstrapReenroll.NEVER:
+        return _refuse(403, f"device {device_id} is already enrolled and the policy allows no "
+                            "re-enrollment with the bootstrap certificate", device_id)
+    if again:
+        refusal = _over_budget(records.recent, policy.bootstrap_reenrolls_per_day,
+                               "bootstrap re-enrollments", device_id, now)
+        if refusal is not None:
+            return refusal
     if isinstance(request, EnrollmentRefused):
         return _refuse(request.status, request.reason, device_id)
     if request.common_name != device_id:
@@ -218,6 +274,13 @@ def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
     if device is None:
         return Decision(Outcome.HOLD, 202, "held until an operator approves the device",
                         device_id, policy.pending_retry_after)
+    if again:
+        # Starting over: certificates still valid from before are superseded, not left live.
+        return Decision(Outcome.ISSUE, 200,
+                        f"{REENROLLED_WITH_BOOTSTRAP}: device {device_id} was already enrolled "
+                        f"(latest certificate {records.latest_serial}); "
+                        f"{len(records.unexpired_serials)} unexpired certificate(s) superseded",
+                        device_id, supersede=records.unexpired_serials)
     return Decision(Outcome.ISSUE, 200, "issued", device_id)
 
 
@@ -237,24 +300,80 @@ def _unknown_device(peer: Peer, device_id: str, pending: PendingRequest | None,
 
 def _reenroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
               policy: Policy, now: dt.datetime) -> Decision:
+    refusal = _operational_peer(peer, records, "simplereenroll")
+    if refusal is not None:
+        return refusal
+    device_id = peer.device_id
+    assert device_id is not None
+    if peer.certificate.not_valid_after_utc < now:
+        return _refuse(401, f"certificate {peer.serial} has expired", device_id)
+    return (_standing(peer, records, device_id)
+            or _renewal_request(peer, request, records, device_id, policy.require_new_key)
+            or Decision(Outcome.ISSUE, 200, "issued", device_id))
+
+
+def _recover(peer: Peer, request: Request | EnrollmentRefused, records: Records,
+             policy: Policy, now: dt.datetime) -> Decision:
+    """An expired operational certificate asks for a new one: bounded in time and in number."""
+    refusal = _operational_peer(peer, records, "the recovery listener")
+    if refusal is not None:
+        return refusal
+    device_id = peer.device_id
+    assert device_id is not None
+    expired_for = now - peer.certificate.not_valid_after_utc
+    if expired_for <= dt.timedelta(0):
+        return _refuse(401, f"certificate {peer.serial} has not expired; renew it on "
+                            "simplereenroll", device_id)
+    if expired_for > policy.recovery_grace:
+        return _refuse(403, f"certificate {peer.serial} expired {_span(expired_for)} ago, "
+                            f"past the recovery grace of {_span(policy.recovery_grace)}; "
+                            "enroll again with the bootstrap certificate", device_id)
+    refusal = _standing(peer, records, device_id)
+    if refusal is not None:
+        return refusal
+    if records.latest_serial != peer.serial:
+        return _refuse(403, f"certificate {peer.serial} is not the latest issued to "
+                            f"{device_id}; only the latest may be recovered", device_id)
+    refusal = (_over_budget(records.recent, policy.recoveries_per_day, "recoveries", device_id,
+                            now)
+               or _renewal_request(peer, request, records, device_id, require_new_key=True))
+    if refusal is not None:
+        return refusal
+    return Decision(Outcome.ISSUE, 200,
+                    f"{RECOVERED}: certificate {peer.serial} expired {_span(expired_for)} ago "
+                    f"(grace {_span(policy.recovery_grace)}) and is superseded",
+                    device_id, supersede=(peer.serial,))
+
+
+def _operational_peer(peer: Peer, records: Records, endpoint: str) -> Decision | None:
+    """An operational certificate from the Device CA, on record for the device it names."""
     if peer.issuer is not Issuer.DEVICE:
-        return _refuse(401, "simplereenroll takes an operational certificate from the Device CA")
+        return _refuse(401, f"{endpoint} takes an operational certificate from the Device CA")
     record = records.peer_record
     if record is None or record.kind is not CertKind.OPERATIONAL:
         return _refuse(401, f"certificate {peer.serial} is not on record")
-    device_id = record.device_id
-    if peer.device_id != device_id:
+    if peer.device_id != record.device_id:
         return _refuse(401, f"certificate {peer.serial} is on record for another device",
-                       device_id)
-    if peer.certificate.not_valid_after_utc < now:
-        return _refuse(401, f"certificate {peer.serial} has expired", device_id)
-    if record.revoked:
+                       record.device_id)
+    return None
+
+
+def _standing(peer: Peer, records: Records, device_id: str) -> Decision | None:
+    """Not revoked, and the device is active."""
+    record = records.peer_record
+    if record is not None and record.revoked:
         return _refuse(403, f"certificate {peer.serial} is revoked ({record.revocation_reason})",
                        device_id)
     device = records.device
     if device is None or device.state is not DeviceState.ACTIVE:
         state = device.state.value if device else "unknown"
         return _refuse(403, f"device {device_id} is {state}", device_id)
+    return None
+
+
+def _renewal_request(peer: Peer, request: Request | EnrollmentRefused, records: Records,
+                     device_id: str, require_new_key: bool) -> Decision | None:
+    """RFC 7030 4.2.2: the same subject and SAN as the certificate renewed, and a new key."""
     if isinstance(request, EnrollmentRefused):
         return _refuse(request.status, request.reason, device_id)
     if request.subject != peer.certificate.subject:
@@ -266,10 +385,31 @@ def _reenroll(peer: Peer, request: Request | EnrollmentRefused, records: Records
     refusal = _key_refusal(request, device_id)
     if refusal is not None:
         return refusal
-    if policy.require_new_key and (request.key_fingerprint == peer.key_fingerprint
-                                   or request.key_fingerprint in records.known_keys):
+    if require_new_key and (request.key_fingerprint == peer.key_fingerprint
+                            or request.key_fingerprint in records.known_keys):
         return _refuse(403, "re-enrollment must use a new key", device_id)
-    return Decision(Outcome.ISSUE, 200, "issued", device_id)
+    return None
+
+
+def _over_budget(recent: tuple[dt.datetime, ...], per_day: int, what: str, device_id: str,
+                 now: dt.datetime) -> Decision | None:
+    """429 once ``per_day`` uses fall within the last 24 h; Retry-After: when the oldest leaves."""
+    window = sorted(t for t in recent if now - t < BUDGET_WINDOW)
+    if len(window) < per_day:
+        return None
+    wait = window[-per_day] + BUDGET_WINDOW - now
+    return Decision(Outcome.REFUSE, 429, f"{per_day} {what} within 24 h is the limit for "
+                                         f"{device_id}", device_id,
+                    max(1, math.ceil(wait.total_seconds())))
+
+
+def _span(delta: dt.timedelta) -> str:
+    """A duration as an operator reads it in a log: 90d, 3h, 12m, 40s (largest whole unit)."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _key_refusal(request: Request, device_id: str) -> Decision | None:

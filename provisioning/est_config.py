@@ -4,6 +4,7 @@
 [server]
 host = "127.0.0.1"        # loopback unless an operator says otherwise
 port = 8443
+recovery_port = 8444      # the recovery listener (expired certificates); absent: none
 workers = 2               # processes sharing the port (SO_REUSEPORT); default: CPU count
 max_body_bytes = 16384
 max_in_flight = 64        # per worker; beyond it 503 + Retry-After
@@ -21,6 +22,10 @@ unknown_devices = "refuse"     # or "pending": 202 until `device-pki approve`
 pending_retry_after = 60
 require_new_key = true
 certificate_lifetime = "7d"    # or "90s", "12h", or an integer number of seconds
+recovery_grace = "90d"         # how long after expiry a certificate may still recover
+recoveries_per_day = 3         # per device, rolling 24 h; beyond it 429 + Retry-After
+bootstrap_reenroll = "active"  # or "never": an enrolled device may not use its bootstrap again
+bootstrap_reenrolls_per_day = 3
 ```
 
 Relative paths are read from the configuration file's directory.
@@ -45,7 +50,7 @@ from typing import Any
 
 from device_agent.errors import ConfigError
 
-from .enrollment import Policy, UnknownDevices
+from .enrollment import BootstrapReenroll, Policy, UnknownDevices
 from .pki import PKIPaths
 
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -60,6 +65,7 @@ class ServerConfig:
     registry_sync: str = "full"
     host: str = "127.0.0.1"
     port: int = 8443
+    recovery_port: int | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_body_bytes: int = 16384
     max_in_flight: int = 64
@@ -71,6 +77,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         checks = {
             "server.port": 0 < self.port < 65536,
+            "server.recovery_port (not the port)": self.recovery_port is None
+            or (0 < self.recovery_port < 65536 and self.recovery_port != self.port),
             "server.workers": 1 <= self.workers <= 64,
             "server.max_body_bytes": 256 <= self.max_body_bytes <= 1 << 20,
             "server.max_in_flight": self.max_in_flight >= 1,
@@ -146,11 +154,23 @@ def load(path: str | Path) -> ServerConfig:
         unknown = UnknownDevices(_take(policy, "policy", "unknown_devices", str, "refuse"))
     except ValueError:
         raise ConfigError(f"{source}: policy.unknown_devices: refuse or pending") from None
-    lifetime = policy.pop("certificate_lifetime", None)
     try:
-        rules = Policy(unknown,
-                       _take(policy, "policy", "require_new_key", bool, True),
-                       _take(policy, "policy", "pending_retry_after", int, 60))
+        again = BootstrapReenroll(_take(policy, "policy", "bootstrap_reenroll", str, "active"))
+    except ValueError:
+        raise ConfigError(f"{source}: policy.bootstrap_reenroll: active or never") from None
+    lifetime = policy.pop("certificate_lifetime", None)
+    grace = policy.pop("recovery_grace", None)
+    try:
+        rules = Policy(
+            unknown_devices=unknown,
+            require_new_key=_take(policy, "policy", "require_new_key", bool, True),
+            pending_retry_after=_take(policy, "policy", "pending_retry_after", int, 60),
+            recovery_grace=(parse_duration(grace, "policy.recovery_grace") if grace is not None
+                            else Policy.recovery_grace),
+            recoveries_per_day=_take(policy, "policy", "recoveries_per_day", int, 3),
+            bootstrap_reenroll=again,
+            bootstrap_reenrolls_per_day=_take(policy, "policy", "bootstrap_reenrolls_per_day",
+                                              int, 3))
     except ValueError as exc:
         raise ConfigError(f"{source}: policy: {exc}") from exc
     config = ServerConfig(
@@ -160,6 +180,7 @@ def load(path: str | Path) -> ServerConfig:
         registry_sync=_take(pki, "pki", "registry_sync", str, "full"),
         host=_take(server, "server", "host", str, defaults.host),
         port=_take(server, "server", "port", int, defaults.port),
+        recovery_port=_take(server, "server", "recovery_port", int, None),
         workers=_take(server, "server", "workers", int, defaults.workers),
         max_body_bytes=_take(server, "server", "max_body_bytes", int, defaults.max_body_bytes),
         max_in_flight=_take(server, "server", "max_in_flight", int, defaults.max_in_flight),

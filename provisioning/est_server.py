@@ -6,10 +6,12 @@ SO_REUSEPORT, so the kernel spreads connections over them and every core does
 TLS. A worker runs aiohttp on one event loop and hands each enrollment to one
 thread that owns its registry connection (est_service.py).
 
-A listener is a TLS context plus routes. There is one today; the recovery
-listener (expired operational certificates accepted at the TLS layer, the
-decision left to the application) is another :class:`Listener` with
-``accept_expired=True`` and its own routes.
+A listener is a TLS context plus routes: ``est`` on ``port`` serves RFC 7030;
+``recovery`` on ``recovery_port`` (when configured) serves only
+``/.well-known/est/recovery/simplereenroll``. Its TLS layer trusts the Device
+CA chain alone and ignores certificate dates, so an expired operational
+certificate gets through to the policy, which decides (enrollment.py); a
+bootstrap certificate does not even complete the handshake there.
 """
 
 from __future__ import annotations
@@ -51,24 +53,40 @@ def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
     log.log(level, json.dumps(record, default=str, separators=(",", ":")))
 
 
-def server_context(paths: pki.PKIPaths, *, accept_expired: bool = False) -> ssl.SSLContext:
+def _tls_context(paths: pki.PKIPaths, trust: Sequence[Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(paths.server_cert("est"), paths.server_key("est"))
+        for cafile in trust:
+            context.load_verify_locations(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise pki.PKIError(f"cannot build the EST server's TLS context: {exc}") from exc
+    return context
+
+
+def server_context(paths: pki.PKIPaths) -> ssl.SSLContext:
     """TLS for the EST server: our Ed25519 certificate, client certificates optional.
 
     Clients may present a bootstrap certificate (Factory CA) or an operational
     one (Device CA chain); which one an endpoint wants is the policy's business.
     A certificate from any other CA fails the handshake.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(paths.server_cert("est"), paths.server_key("est"))
-        context.load_verify_locations(cafile=paths.factory_ca / "ca.pem")
-        context.load_verify_locations(cafile=paths.device_ca / "chain.pem")
-    except (OSError, ssl.SSLError) as exc:
-        raise pki.PKIError(f"cannot build the EST server's TLS context: {exc}") from exc
+    context = _tls_context(paths, (paths.factory_ca / "ca.pem", paths.device_ca / "chain.pem"))
     context.verify_mode = ssl.CERT_OPTIONAL
-    if accept_expired:
-        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+def recovery_context(paths: pki.PKIPaths) -> ssl.SSLContext:
+    """TLS for the recovery listener: a Device CA certificate is required, its dates are not.
+
+    Only the Device CA chain is trusted, so a bootstrap certificate fails the
+    handshake; NO_CHECK_TIME lets an expired one through to the policy, which
+    bounds how expired it may be. The signature and chain are still verified.
+    """
+    context = _tls_context(paths, (paths.device_ca / "chain.pem",))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     return context
 
 
@@ -103,6 +121,9 @@ class Endpoints:
             web.post(f"{PREFIX}/simplereenroll", self.simplereenroll),
         ]
 
+    def recovery_routes(self) -> list[web.RouteDef]:
+        return [web.post(f"{PREFIX}/recovery/simplereenroll", self.recover)]
+
     async def cacerts(self, request: web.Request) -> web.Response:
         return web.Response(body=self.ca_chain, headers={
             "Content-Type": CERTS_TYPE, "Content-Transfer-Encoding": "base64"})
@@ -116,6 +137,9 @@ class Endpoints:
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
         return await self.enroll(request, Operation.REENROLL)
+
+    async def recover(self, request: web.Request) -> web.Response:
+        return await self.enroll(request, Operation.RECOVER)
 
     async def enroll(self, request: web.Request, operation: Operation) -> web.Response:
         started = time.monotonic()
@@ -203,8 +227,12 @@ class Worker:
         paths = self.config.pki
         chain = pki.load_certs(paths.device_ca / "chain.pem")
         endpoints = Endpoints(self.config, self.run, encode_certs(chain))
-        return [Listener("est", self.config.host, self.config.port, server_context(paths),
-                         endpoints.routes())]
+        listeners = [Listener("est", self.config.host, self.config.port, server_context(paths),
+                              endpoints.routes())]
+        if self.config.recovery_port is not None:
+            listeners.append(Listener("recovery", self.config.host, self.config.recovery_port,
+                                      recovery_context(paths), endpoints.recovery_routes()))
+        return listeners
 
     async def serve(self, ready_fd: int | None) -> None:
         loop = asyncio.get_running_loop()

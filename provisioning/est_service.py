@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from . import pki
-from .enrollment import Decision, Operation, Outcome, Peer, Policy, Records, Request, decide
+from .enrollment import (
+    BUDGET_WINDOW,
+    RECOVERED,
+    REENROLLED_WITH_BOOTSTRAP,
+    Decision,
+    Operation,
+    Outcome,
+    Peer,
+    Policy,
+    Records,
+    Request,
+    decide,
+)
 from .errors import EnrollmentRefused
 from .est_wire import decode_csr
 from .registry import AuditEntry, CertKind, Registry, serial_hex
@@ -43,20 +55,31 @@ class EnrollmentService:
         return Peer.from_certificate(x509.load_der_x509_certificate(der), self.factory_ca,
                                      self.device_ca.certificate)
 
-    def _records(self, operation: Operation, peer: Peer | None) -> Records:
+    def _records(self, operation: Operation, peer: Peer | None, now: dt.datetime) -> Records:
+        """Only the facts ``operation`` reads: renewal and recovery need the device's keys,
+        bootstrap re-enrollment and recovery its latest serial and daily budget."""
         if peer is None:
             return Records()
         record = self.registry.certificate(peer.serial)
         device_id = record.device_id if record else peer.device_id
         if device_id is None:
             return Records(peer_record=record)
-        device = self.registry.device(device_id)
+        registry = self.registry
+        device = registry.device(device_id)
+        if device is None:
+            return Records(peer_record=record, pending=registry.pending(device_id))
+        renewal = operation is not Operation.ENROLL
+        budget = {Operation.ENROLL: REENROLLED_WITH_BOOTSTRAP, Operation.RECOVER: RECOVERED}
+        prefix = budget.get(operation)
         return Records(
             device=device,
             peer_record=record,
-            pending=self.registry.pending(device_id) if device is None else None,
-            known_keys=(self.registry.public_key_fingerprints(device_id)
-                        if operation is Operation.REENROLL else frozenset()),
+            known_keys=registry.public_key_fingerprints(device_id) if renewal else frozenset(),
+            latest_serial=(registry.latest_operational(device_id) if prefix else None),
+            unexpired_serials=(registry.unexpired_operational(device_id, now)
+                               if operation is Operation.ENROLL else ()),
+            recent=(registry.issued_since(device_id, operation.value, prefix,
+                                          now - BUDGET_WINDOW) if prefix else ()),
         )
 
     def handle(self, operation: Operation, peer_der: bytes | None, body: bytes) -> Result:
@@ -76,14 +99,16 @@ class EnrollmentService:
             request = refused
         certificate = None
         with self.registry.transaction():
-            decision = decide(operation, peer, request, self._records(operation, peer),
-                              self.policy, dt.datetime.now(dt.UTC))
+            now = dt.datetime.now(dt.UTC)
+            decision = decide(operation, peer, request, self._records(operation, peer, now),
+                              self.policy, now)
             if decision.outcome is Outcome.ISSUE:
                 assert csr is not None and decision.device_id is not None
                 certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
                                                           self.lifetime)
                 self.registry.record_certificate(decision.device_id, certificate,
                                                  CertKind.OPERATIONAL)
+                self.registry.supersede(decision.supersede, now)
             elif decision.outcome is Outcome.HOLD:
                 assert peer is not None and decision.device_id is not None
                 self.registry.hold(decision.device_id, peer.certificate)

@@ -321,6 +321,31 @@ class Registry:
                            (device_id,))
         return frozenset(row[0] for row in rows)
 
+    def latest_operational(self, device_id: str) -> str | None:
+        """The serial most recently issued to the device: the only one recovery accepts."""
+        rows = self._query("SELECT serial FROM certificates WHERE device_id = ? AND kind = ?"
+                           " ORDER BY recorded DESC, not_before DESC LIMIT 1",
+                           (device_id, CertKind.OPERATIONAL.value))
+        return rows[0][0] if rows else None
+
+    def unexpired_operational(self, device_id: str, now: dt.datetime) -> tuple[str, ...]:
+        """Serials a device could still use today: issued, not revoked, not yet expired."""
+        rows = self._query("SELECT serial FROM certificates WHERE device_id = ? AND kind = ?"
+                           " AND status = 'issued' AND not_after > ? ORDER BY recorded",
+                           (device_id, CertKind.OPERATIONAL.value, timestamp(now)))
+        return tuple(row[0] for row in rows)
+
+    def supersede(self, serials: tuple[str, ...], when: dt.datetime | None = None) -> None:
+        """Revoke ``serials`` (superseded) inside the caller's transaction.
+
+        No audit row of its own: the enrollment decision that replaced them is
+        the one entry, and it names the old serial.
+        """
+        for serial in serials:
+            self._query("UPDATE certificates SET status = 'revoked', revocation_reason = ?,"
+                        " revoked_at = ? WHERE serial = ? AND status = 'issued'",
+                        (x509.ReasonFlags.superseded.value, timestamp(when), serial_hex(serial)))
+
     def revoke(self, serial: int | str, reason: x509.ReasonFlags,
                when: dt.datetime | None = None) -> CertificateRecord:
         serial = serial_hex(serial)
@@ -397,6 +422,20 @@ class Registry:
                     " peer_serial, issued_serial) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (entry.at or timestamp(), entry.device_id, entry.action, entry.decision,
                      entry.status, entry.reason, entry.peer_serial, entry.issued_serial))
+
+    def issued_since(self, device_id: str, action: str, reason_prefix: str,
+                     since: dt.datetime) -> tuple[dt.datetime, ...]:
+        """When ``action`` issued to the device with a reason starting ``reason_prefix``.
+
+        The audit log is the record of recoveries and bootstrap re-enrollments,
+        so the daily budgets are counted from it rather than kept in a table
+        that could disagree with it.
+        """
+        rows = self._query("SELECT at FROM audit WHERE device_id = ? AND action = ?"
+                           " AND decision = 'issued' AND substr(reason, 1, ?) = ? AND at >= ?"
+                           " ORDER BY at", (device_id, action, len(reason_prefix), reason_prefix,
+                                            timestamp(since)))
+        return tuple(dt.datetime.fromisoformat(row[0]) for row in rows)
 
     def audit_log(self, device_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
         rows = self._query(

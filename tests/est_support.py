@@ -40,10 +40,23 @@ class ESTServer:
     registry_path: Path
     log: Path
     process: subprocess.Popen[bytes]
+    recovery_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}{WELL_KNOWN}"
+
+    @property
+    def base_url(self) -> str:
+        """The agent's ``[est] url``: scheme, host and port; it adds the well-known path."""
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def recovery_url(self) -> str:
+        """The agent's ``[est] recovery_url``; it adds /.well-known/est/recovery/simplereenroll."""
+        if self.recovery_port is None:
+            raise ValueError("started without recovery=True: no recovery listener")
+        return f"https://127.0.0.1:{self.recovery_port}"
 
     @contextmanager
     def registry(self) -> Iterator[Registry]:
@@ -51,8 +64,11 @@ class ESTServer:
             yield registry
 
 
-def write_config(directory: Path, paths: pki.PKIPaths, port: int, **policy: object) -> Path:
-    lines = ["[server]", f"port = {port}", "workers = 2", "max_in_flight = 256",
+def write_config(directory: Path, paths: pki.PKIPaths, port: int,
+                 recovery_port: int | None = None, **policy: object) -> Path:
+    """est.toml for a test server; ``policy`` becomes the [policy] table as given."""
+    recovery = [f"recovery_port = {recovery_port}"] if recovery_port is not None else []
+    lines = ["[server]", f"port = {port}", *recovery, "workers = 2", "max_in_flight = 256",
              "shutdown_timeout = 5", "[pki]", f'directory = "{paths.base}"',
              f'registry = "{directory / "registry.sqlite3"}"', "[policy]"]
     for key, value in policy.items():
@@ -64,18 +80,23 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int, **policy: obje
 
 
 @contextmanager
-def running_est_server(directory: Path, paths: pki.PKIPaths, **policy: object
-                       ) -> Iterator[ESTServer]:
-    """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill."""
+def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool = False,
+                       **policy: object) -> Iterator[ESTServer]:
+    """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill.
+
+    ``recovery=True`` also opens the recovery listener on a second free port
+    (``ESTServer.recovery_port``, ``recovery_url``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = write_config(directory, paths, port, **policy)
+    recovery_port = free_port() if recovery else None
+    config = write_config(directory, paths, port, recovery_port, **policy)
     log = directory / "est-server.log"
     with open(log, "ab") as out:
         process = subprocess.Popen([EST_SERVER, "--config", str(config)], stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    server = ESTServer(port, paths, directory / "registry.sqlite3", log, process)
+    server = ESTServer(port, paths, directory / "registry.sqlite3", log, process, recovery_port)
     try:
         deadline = time.monotonic() + 30
         while b'"event":"ready"' not in log.read_bytes():
@@ -171,9 +192,10 @@ def client_context(server: ESTServer, identity: Identity | None) -> ssl.SSLConte
 
 
 def post(server: ESTServer, operation: str, body: bytes, identity: Identity | None,
-         content_type: str = "application/pkcs10", timeout: float = 60.0) -> Reply:
-    """One request over a new mTLS connection, as a device makes it."""
-    connection = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout,
+         content_type: str = "application/pkcs10", timeout: float = 60.0,
+         port: int | None = None) -> Reply:
+    """One request over a new mTLS connection, as a device makes it (to ``port`` if given)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port or server.port, timeout=timeout,
                                              context=client_context(server, identity))
     try:
         connection.request("POST", f"{WELL_KNOWN}/{operation}", body=body,
@@ -188,3 +210,11 @@ def enroll(server: ESTServer, identity: Identity, key: CertificateIssuerPrivateK
            operation: str = "simpleenroll") -> Reply:
     return post(server, operation, base64.encodebytes(csr_der(key, identity.device_id)),
                 identity)
+
+
+def recover(server: ESTServer, identity: Identity, key: CertificateIssuerPrivateKeyTypes,
+            common_name: str | None = None) -> Reply:
+    """POST a CSR for ``key`` to the recovery listener, authenticated as ``identity``."""
+    assert server.recovery_port is not None, "start the server with recovery=True"
+    body = base64.encodebytes(csr_der(key, common_name or identity.device_id))
+    return post(server, "recovery/simplereenroll", body, identity, port=server.recovery_port)
