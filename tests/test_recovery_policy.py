@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from device_agent.errors import ConfigError
+from provisioning import est_config
 from provisioning.enrollment import (
     BootstrapReenroll,
     Decision,
@@ -115,3 +118,20 @@ def test_budgets_and_grace_are_validated() -> None:
         Policy(recoveries_per_day=0)
     with pytest.raises(ValueError, match="negative"):
         Policy(recovery_grace=-DAY)
+
+
+def test_the_config_keys_and_their_defaults(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[pki]\ndirectory = "pki"\n')
+    assert (est_config.load(plain).recovery_port, est_config.load(plain).policy) == (None, Policy())
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text('[server]\nport = 8443\nrecovery_port = 8444\n[pki]\ndirectory = "pki"\n'
+                     '[policy]\nrecovery_grace = "30d"\nrecoveries_per_day = 2\n'
+                     'bootstrap_reenroll = "never"\nbootstrap_reenrolls_per_day = 5\n')
+    config = est_config.load(tuned)
+    assert (config.recovery_port, config.policy) == (8444, Policy(
+        recovery_grace=30 * DAY, recoveries_per_day=2,
+        bootstrap_reenroll=BootstrapReenroll.NEVER, bootstrap_reenrolls_per_day=5))
+    tuned.write_text('[server]\nport = 8443\nrecovery_port = 8443\n[pki]\ndirectory = "pki"\n')
+    with pytest.raises(ConfigError, match="recovery_port"):
+        est_config.load(tuned)
