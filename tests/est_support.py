@@ -29,6 +29,11 @@ from simulator.processes import free_port
 
 EST_SERVER = str(Path(sys.executable).parent / "est-server")
 WELL_KNOWN = "/.well-known/est"
+# How a client sees the server's TLS layer refuse its certificate. Under TLS 1.3 the client's
+# handshake is over before the server judges the certificate, and the server's event loop
+# drops the connection: depending on timing the client's request write hits EOF, or its read
+# finds the connection closed. (Lower case, as matched against the error text.)
+TLS_REFUSED = ("closed connection without response", "eof occurred in violation of protocol")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from provisioning import pki
 from provisioning.registry import AuditEntry, CertKind, DeviceState, serial_hex
 
 from .est_support import (
+    TLS_REFUSED,
     ESTServer,
     Identity,
     Reply,
@@ -205,11 +206,6 @@ class Case:
     status: int | None  # None: the TLS layer refuses, no HTTP request reaches the application
     reason: str
 
-
-# TLS 1.3: the client's handshake is done before the server has judged its certificate, so
-# the refusal reaches the client as the server's alert or, if the socket closes first, as
-# a connection closed without a response. Either way no request reaches the application.
-TLS_REFUSED = ("closed connection without response",)
 
 
 CASES = [
