@@ -1,0 +1,155 @@
+"""Devices that come back after their certificate expired: the real agent finds its way back.
+
+Certificates live 8 seconds here; a device is stopped with telemetry still queued
+(its broker out of reach), kept off past expiry, and started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent.config import AgentConfig, render_toml
+from provisioning import pki
+from simulator.device import AgentProcess
+from simulator.monitor import TelemetryMonitor
+from simulator.processes import SoftwareTPM
+
+from .conftest import ClientFiles, RenderedBroker, rendered_broker
+from .est_support import ESTServer, running_est_server
+from .test_agent_enrollment import factory_device
+
+pytestmark = pytest.mark.integration
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+@pytest.fixture
+def own_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
+    with rendered_broker(pki_dir) as broker:
+        yield broker
+
+
+def recovery_server(directory: Path, pki_dir: pki.PKIPaths, grace: str) -> Iterator[ESTServer]:
+    with running_est_server(directory, pki_dir, recovery=True, certificate_lifetime="8s",
+                            recovery_grace=grace) as server:
+        yield server
+
+
+@pytest.fixture
+def within_grace(tmp_path: Path, pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
+    yield from recovery_server(tmp_path / "est", pki_dir, "1h")
+
+
+@pytest.fixture
+def past_grace(tmp_path: Path, pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
+    yield from recovery_server(tmp_path / "est", pki_dir, "1s")
+
+
+def with_recovery(agent: AgentProcess, est: ESTServer) -> AgentProcess:
+    """Point the device at the recovery listener; renew late, so it expires while off."""
+    config = AgentConfig.load(agent.config_path)
+    config = dataclasses.replace(
+        config, est=dataclasses.replace(config.est, recovery_url=est.recovery_url),
+        renewal=dataclasses.replace(config.renewal, fraction=0.9, jitter=0.05))
+    agent.config_path.write_text(render_toml(config))
+    return AgentProcess(agent.config_path, agent.env)
+
+
+def go_offline_past_expiry(agent: AgentProcess, broker: RenderedBroker) -> int:
+    """Run, lose the broker, queue telemetry, stop; wait until the certificate expired."""
+    agent.start()
+    first = agent.wait_for(lambda s: s.get("connected"), 30, "enrollment")
+    broker.mosquitto.stop()
+    agent.wait_for(lambda s: (s.get("outbox_depth") or 0) >= 5, 20, "queued telemetry")
+    assert agent.stop() == 0
+    queued = agent.status()["outbox_depth"]
+    assert queued >= 5
+    expires = first["cert_not_after"]
+    while time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) <= expires[:19]:
+        time.sleep(0.5)
+    time.sleep(1.5)
+    broker.mosquitto.start()
+    return queued
+
+
+def come_back(agent: AgentProcess, monitor: TelemetryMonitor) -> tuple[dict, float]:
+    """Start again; wait for the new credential and every message; the seconds until the
+    first delivered telemetry after the return."""
+    device = agent.device_id
+    before = len(monitor.seqs(device))
+    started = time.monotonic()
+    agent.start()
+    assert monitor.wait_until(lambda: len(monitor.seqs(device)) > before, 60), agent.log_text()
+    first_delivery = time.monotonic() - started
+    status = agent.wait_for(lambda s: (s.get("generation") or 0) >= 2 and s.get("connected"),
+                            30, "recovery")
+    assert agent.stop() == 0
+    final = agent.status()
+    last = final["last_seq"]
+    assert final["outbox_depth"] == 0
+    assert monitor.wait_until(lambda: not monitor.missing(device, 1, last), 20), \
+        monitor.missing(device, 1, last)
+    return status, first_delivery
+
+
+def decisions(est: ESTServer, device: str) -> list[tuple[str, str, str]]:
+    with est.registry() as registry:
+        return [(e.action, e.decision, e.reason) for e in registry.audit_log(device)]
+
+
+def test_expired_device_recovers_and_delivers_what_it_queued(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
+    own_broker: RenderedBroker, backend: ClientFiles,
+) -> None:
+    agent = with_recovery(factory_device(tmp_path / "dev", "back-1", swtpm, pki_dir,
+                                         within_grace, own_broker.mosquitto), within_grace)
+    with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
+                          key=backend.key) as monitor:
+        go_offline_past_expiry(agent, own_broker)
+        _, seconds = come_back(agent, monitor)
+    print(f"\nrecovery path: {seconds:.2f} s from return to first delivered telemetry")
+    log = decisions(within_grace, "back-1")
+    recovered = [d for d in log if d[0] == "recovery"]
+    assert len(recovered) == 1 and recovered[0][1] == "issued", log
+    assert [d[1] for d in log if d[0] == "simpleenroll"] == ["issued"], log  # first boot only
+
+
+def test_past_the_grace_window_the_bootstrap_certificate_brings_it_back(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, past_grace: ESTServer,
+    own_broker: RenderedBroker, backend: ClientFiles,
+) -> None:
+    agent = with_recovery(factory_device(tmp_path / "dev", "back-2", swtpm, pki_dir,
+                                         past_grace, own_broker.mosquitto), past_grace)
+    with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
+                          key=backend.key) as monitor:
+        go_offline_past_expiry(agent, own_broker)
+        _, seconds = come_back(agent, monitor)
+    print(f"\nbootstrap fallback: {seconds:.2f} s from return to first delivered telemetry")
+    log = decisions(past_grace, "back-2")
+    assert [d[:2] for d in log if d[0] == "recovery"] == [("recovery", "refused")], log
+    assert [d[1] for d in log if d[0] == "simpleenroll"] == ["issued", "issued"], log
+    assert "falling back to the bootstrap certificate" in agent.log_text()
+
+
+def test_a_device_whose_clock_reads_1970_still_recovers(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
+    own_broker: RenderedBroker, backend: ClientFiles,
+) -> None:
+    assert Path(FAKETIME).exists(), "apt-get install faketime (or run make setup)"
+    agent = with_recovery(factory_device(tmp_path / "dev", "back-3", swtpm, pki_dir,
+                                         within_grace, own_broker.mosquitto), within_grace)
+    with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
+                          key=backend.key) as monitor:
+        go_offline_past_expiry(agent, own_broker)
+        agent = AgentProcess(agent.config_path, {
+            **agent.env, "LD_PRELOAD": FAKETIME, "FAKETIME": "@1970-01-02 00:00:00",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+        status, _ = come_back(agent, monitor)
+    assert status["clock_offset_s"] > 50 * 365 * 86400
+    assert "using the EST server's time" in agent.log_text()
+    assert [d[1] for d in decisions(within_grace, "back-3") if d[0] == "recovery"] == ["issued"]
