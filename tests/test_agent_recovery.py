@@ -153,3 +153,21 @@ def test_a_device_whose_clock_reads_1970_still_recovers(
     assert status["clock_offset_s"] > 50 * 365 * 86400
     assert "using the EST server's time" in agent.log_text()
     assert [d[1] for d in decisions(within_grace, "back-3") if d[0] == "recovery"] == ["issued"]
+
+
+def test_the_brokers_expired_alert_starts_recovery_when_the_clock_lags(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
+    own_broker: RenderedBroker, backend: ClientFiles,
+) -> None:
+    agent = with_recovery(factory_device(tmp_path / "dev", "back-4", swtpm, pki_dir,
+                                         within_grace, own_broker.mosquitto), within_grace)
+    with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
+                          key=backend.key) as monitor:
+        go_offline_past_expiry(agent, own_broker)
+        # six seconds slow: by its own clock the certificate is still valid
+        agent = AgentProcess(agent.config_path, {
+            **agent.env, "LD_PRELOAD": FAKETIME, "FAKETIME": "-6",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+        come_back(agent, monitor)
+    assert "certificate expired" in agent.log_text()
+    assert [d[1] for d in decisions(within_grace, "back-4") if d[0] == "recovery"] == ["issued"]
