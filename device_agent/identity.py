@@ -21,3 +21,11 @@ def validate_device_id(device_id: str) -> str:
 def device_uri(device_id: str) -> str:
     """The URI SAN that names the device beside its CN."""
     return DEVICE_URI_PREFIX + validate_device_id(device_id)
+
+
+SERVICE_IDENTITIES = frozenset({"backend", "broker-admin"})
+"""Names the broker grants service rights (broker_config): never a device's."""
+
+
+def is_service_identity(name: str) -> bool:
+    return name in SERVICE_IDENTITIES

@@ -32,7 +32,7 @@ from enum import StrEnum
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from device_agent.identity import DEVICE_ID_PATTERN, device_uri
+from device_agent.identity import DEVICE_ID_PATTERN, device_uri, is_service_identity
 
 from . import pki
 from .errors import EnrollmentRefused
@@ -236,6 +236,8 @@ def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
     device_id = peer.device_id
     if device_id is None:
         return _refuse(401, "the bootstrap certificate names no valid device ID")
+    if is_service_identity(device_id):
+        return _refuse(403, f"{device_id!r} is reserved for a service identity", device_id)
     device = records.device
     if device is None:
         refusal = _unknown_device(peer, device_id, records.pending, policy)

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from device_agent.identity import validate_device_id
+from device_agent.identity import is_service_identity, validate_device_id
 
 from . import pki
 from .errors import RegistryError
@@ -229,6 +229,8 @@ class Registry:
             validate_device_id(device_id)
         except ValueError as exc:
             raise RegistryError(str(exc)) from exc
+        if is_service_identity(device_id):
+            raise RegistryError(f"{device_id!r} is reserved for a service identity")
         if _common_name(bootstrap) != device_id:
             raise RegistryError(f"the bootstrap certificate names {_common_name(bootstrap)!r}, "
                                 f"not {device_id!r}")

@@ -159,3 +159,13 @@ class TestUnknownDevices:
     def test_another_certificate_cannot_take_over_a_held_name(self) -> None:
         held = PendingRequest("dev-1", "someone else", "", "pending", 1, "", "")
         assert enroll(records=Records(pending=held), policy=self.pending).status == 403
+
+
+@pytest.mark.parametrize("name", ["backend", "broker-admin"])
+def test_a_service_identity_name_is_never_enrolled_as_a_device(name: str) -> None:
+    boot = FACTORY.issue_client(name, BOOT_KEY.public_key(), DAY)
+    device = Device(name, DeviceState.ACTIVE, peer(boot).fingerprint, "then")
+    decision = decide(Operation.ENROLL, peer(boot), csr(name, uri=f"urn:device:{name}"),
+                      Records(device=device), Policy(), NOW)
+    assert (decision.outcome, decision.status) == (Outcome.REFUSE, 403)
+    assert "reserved for a service identity" in decision.reason

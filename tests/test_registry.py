@@ -101,6 +101,14 @@ def test_a_certificate_for_another_name_is_not_registered(
     assert registry.device("dev-1") is None
 
 
+def test_a_service_identity_name_is_not_allowlisted(
+    registry: Registry, factory: pki.Authority,
+) -> None:
+    with pytest.raises(RegistryError, match="reserved for a service identity"):
+        registry.register_device("backend", bootstrap(factory, "backend"))
+    assert registry.device("backend") is None
+
+
 def test_revocations_feed_the_crl_and_are_not_repeated(
     registry: Registry, factory: pki.Authority, device_ca: pki.Authority,
 ) -> None:
