@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from broker_config.revocation import enforce
 from device_agent.errors import IdentityError
 
 from . import pki
@@ -80,7 +81,12 @@ def cmd_revoke(args: argparse.Namespace) -> str:
     with open_registry(_registry_path(args)) as registry:
         record = registry.revoke(args.serial, reason)
         crl = publish(args, registry, authority)
-    return f"revoked {record.serial} of {record.device_id} ({reason.value}); CRL {crl}"
+    done = f"revoked {record.serial} of {record.device_id} ({reason.value}); CRL {crl}"
+    for broker in args.broker or ():
+        enforced = enforce(Path(broker), record.device_id, crl.read_bytes(),
+                           serial=int(record.serial, 16))
+        done += f"; broker {broker}: session ended in {enforced.seconds * 1000:.0f} ms"
+    return done
 
 
 def cmd_crl(args: argparse.Namespace) -> str:
@@ -146,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("serial", help="hexadecimal serial")
     revoke.add_argument("--reason", required=True, choices=sorted(pki.REVOCATION_REASONS),
                         type=lambda text: pki.revocation_reason(text).value)
+    revoke.add_argument("--broker", action="append",
+                        help="a broker directory (broker-config render) to enforce it on now")
     command("crl", cmd_crl, "publish the Device CA's CRL")
     register = command("register", cmd_register, "allowlist a device with its bootstrap cert")
     register.add_argument("device")
