@@ -1,0 +1,282 @@
+"""``fleet-sim``: N real TPM-backed devices against the real back office, on 127.0.0.1.
+
+Everything is the real program: a PKI and registry, the est-server with its
+recovery listener, Mosquitto rendered by broker_config, and per device a swtpm
+behind its own tpm2-abrmd, provisioned by the factory code and running the
+real ``device-agent``. An independent monitor (mosquitto_sub as the back end)
+counts every device's sequence numbers. All of it is stopped at the end, also
+on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker_config.deploy import render_broker
+from broker_config.revocation import enforce
+from device_agent._files import write_private
+from device_agent.config import AgentConfig, render_toml
+from provisioning import pki
+from provisioning.factory import LineSettings, LocalFactoryCA, provision
+from provisioning.registry import DeviceState, open_registry, registrar
+
+from .device import AgentProcess
+from .est import running_est_server
+from .observe import Sampler, TimedMonitor
+from .processes import DBusSession, Mosquitto, SoftwareTPM, free_port
+
+BACKEND_ID = "backend"
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetOptions:
+    devices: int
+    lifetime_s: int = 30          # operational certificates: renewals every ~2/3 of this
+    interval_s: float = 1.0       # telemetry period per device
+    recovery_grace: str = "1h"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.devices <= 500:
+            raise ValueError("--devices must be 1-500 with TPM-backed devices")
+        if self.lifetime_s < 10:
+            raise ValueError("--lifetime must be at least 10 seconds")
+
+
+def step(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Fleet(contextlib.ExitStack):
+    """The whole stack; ``close()`` (or leaving the ``with``) stops every process."""
+
+    def __init__(self, directory: Path, options: FleetOptions) -> None:
+        super().__init__()
+        self.directory, self.options = directory, options
+        self.agents: dict[str, AgentProcess] = {}
+        self.started_wall: dict[str, float] = {}
+        self.events: list[tuple[float, str]] = []
+        self.t0 = time.monotonic()
+        self.sampler: Sampler | None = None
+
+    def __enter__(self) -> Fleet:
+        super().__enter__()
+        try:
+            self._back_office()
+            self._devices()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def _back_office(self) -> None:
+        started = time.monotonic()
+        self.bus = self.enter_context(DBusSession(self.directory / "dbus"))
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = self.bus.address  # the factory's TPM access
+        self.pki = pki.init_pki(self.directory / "pki")
+        self.authority = pki.read_authority(self.pki.device_ca)
+        self.est = self.enter_context(running_est_server(
+            self.directory / "est", self.pki, recovery=True,
+            certificate_lifetime=f"{self.options.lifetime_s}s",
+            recovery_grace=self.options.recovery_grace, recoveries_per_day=100))
+        # The broker drops to the mosquitto user, which must traverse to its directory.
+        parent = Path(tempfile.mkdtemp(prefix="fleet-broker-"))
+        self.callback(shutil.rmtree, parent, ignore_errors=True)
+        parent.chmod(0o755)  # noqa: S103 - holds only the broker's own directory
+        port = free_port()
+        self.broker_layout = render_broker(self.pki, parent / "broker", port=port,
+                                           backend_identity=BACKEND_ID)
+        self.broker = self.enter_context(Mosquitto(parent, self.broker_layout.conf, port))
+        cert, key = self._backend_files()
+        self.monitor = self.enter_context(TimedMonitor(
+            port=port, cafile=self.pki.server_trust, cert=cert, key=key))
+        step(f"back office up in {time.monotonic() - started:.1f}s: est-server :{self.est.port} "
+             f"(recovery :{self.est.recovery_port}, {self.options.lifetime_s}s certificates), "
+             f"mosquitto :{port}, monitor subscribed")
+
+    def _backend_files(self) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.authority.issue_client(BACKEND_ID, key.public_key(), dt.timedelta(days=1))
+        directory = self.directory / "backend"
+        directory.mkdir()
+        return (write_private(directory / "backend.pem",
+                              pki.cert_pem(cert, *self.authority.chain[:-1]), 0o644),
+                write_private(directory / "backend.key", pki.key_pem(key)))
+
+    def _devices(self) -> None:
+        started = time.monotonic()
+        factory = LocalFactoryCA(self.pki)
+        register = registrar(self.est.registry_path)
+        for index in range(self.options.devices):
+            device_id = f"sim-{index + 1:03d}"
+            directory = self.directory / "devices" / device_id
+            tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
+                                                 max_transients=3))
+            line = LineSettings(est_url=self.est.base_url, broker_host="127.0.0.1",
+                                broker_port=self.broker.port, server_trust=self.pki.server_trust,
+                                state_dir=directory / "state", api_socket=directory / "api.sock")
+            provision(device_id, tpm.tcti, directory / "etc", factory, line, register)
+            config_path = self._tune(directory / "etc" / "agent.toml")
+            self.agents[device_id] = AgentProcess(config_path, tpm.env)
+        self.callback(self.stop_agents, list(self.agents))  # before the TPMs go
+        step(f"{len(self.agents)} devices provisioned by the factory code, each with its own "
+             f"swtpm + tpm2-abrmd, in {time.monotonic() - started:.1f}s")
+
+    def _tune(self, path: Path) -> Path:
+        """The factory's agent.toml, with the recovery listener and a fast telemetry period."""
+        config = AgentConfig.load(path)
+        config = dataclasses.replace(
+            config,
+            est=dataclasses.replace(config.est, recovery_url=self.est.recovery_url),
+            mqtt=dataclasses.replace(config.mqtt, keepalive=10,
+                                     telemetry_interval=self.options.interval_s),
+            renewal=dataclasses.replace(config.renewal, retry_max=4.0))
+        path.write_text(render_toml(config))
+        return path
+
+    # --- the running fleet ---------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def event(self, label: str) -> None:
+        self.events.append((self.now(), label))
+        step(label)
+
+    def start_sampling(self) -> None:
+        self.t0 = time.monotonic()
+        self.sampler = self.enter_context(Sampler(self.t0, self.connected_count,
+                                                  lambda: self.monitor.received))
+
+    def start_agents(self, ids: Iterable[str]) -> None:
+        for device_id in ids:
+            self.started_wall[device_id] = time.time()
+            self.agents[device_id].start()
+
+    def stop_agents(self, ids: Sequence[str], timeout: float = 20.0) -> None:
+        """SIGTERM them all at once (each drains its outbox), then reap each."""
+        running = [self.agents[i] for i in ids if self.agents[i].running()]
+        for agent in running:
+            assert agent.process is not None
+            agent.process.send_signal(signal.SIGTERM)
+        for agent in running:
+            agent.stop(timeout)
+
+    def status(self, device_id: str) -> dict[str, Any]:
+        return self.agents[device_id].status()
+
+    def connected_count(self) -> int:
+        return sum(1 for i in self.agents if self.status(i).get("running")
+                   and self.status(i).get("connected"))
+
+    def wait_all(self, ids: Iterable[str], condition: Callable[[str, dict[str, Any]], bool],
+                 timeout: float) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Poll until ``condition(id, status)`` holds for each; (statuses met, ids that never)."""
+        waiting, met = set(ids), {}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for device_id in sorted(waiting):
+                status = self.status(device_id)
+                if status.get("running") and condition(device_id, status):
+                    met[device_id] = status
+                    waiting.discard(device_id)
+            time.sleep(0.2)
+        return met, sorted(waiting)
+
+    def revoke(self, ids: Sequence[str]) -> float:
+        """``device-pki revoke`` then ``suspend`` for each, one CRL, enforced on the broker.
+
+        Every operational certificate of the device is revoked (a renewal may have
+        just replaced the one its status showed) and the device is suspended, so
+        neither renewal nor the bootstrap brings it back. Returns the seconds taken.
+        """
+        started = time.monotonic()
+        serials: dict[str, int] = {}
+        now = dt.datetime.now(dt.UTC)
+        with open_registry(self.est.registry_path) as registry:
+            for device_id in ids:
+                registry.set_state(device_id, DeviceState.SUSPENDED, "fleet-sim revocation")
+                for serial in registry.unexpired_operational(device_id, now):
+                    registry.revoke(serial, x509.ReasonFlags.key_compromise)
+                    serials[device_id] = int(serial, 16)
+            pki.publish_crl(self.authority, registry.revocations(), self.pki.crl)
+        crl = self.pki.crl.read_bytes()
+        for device_id in ids:
+            enforce(self.broker_layout.base, device_id, crl, serial=serials.get(device_id))
+        return time.monotonic() - started
+
+
+def parser() -> argparse.ArgumentParser:
+    from .scenarios import SCENARIOS
+
+    top = argparse.ArgumentParser(prog="fleet-sim", description=__doc__.splitlines()[0])
+    top.add_argument("--devices", type=int, required=True)
+    top.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    top.add_argument("--json", type=Path, help="write the report as JSON here")
+    top.add_argument("--plot", type=Path, help="write a PNG plot here")
+    top.add_argument("--keystore", choices=("tpm", "file"), default="tpm",
+                     help="file: not available yet (the agent is TPM-only)")
+    top.add_argument("--lifetime", type=int, default=None,
+                     help="certificate lifetime in seconds (default: 30, more for large N)")
+    top.add_argument("--interval", type=float, default=1.0, help="telemetry period (s)")
+    top.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    return top
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .report import build_report, print_table, write_json, write_plot
+    from .scenarios import run
+
+    args = parser().parse_args(argv)
+    if args.keystore == "file":
+        print("fleet-sim: --keystore file is not available: device_agent keeps keys only in "
+              "a TPM today", file=sys.stderr)
+        return 2
+    options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
+                           args.interval)
+    signal.signal(signal.SIGTERM, _interrupt)
+    directory = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
+    ok = False
+    try:
+        with Fleet(directory, options) as fleet:
+            findings = run(fleet, args.scenario)
+            report = build_report(fleet, findings, args.scenario, mode=args.keystore)
+        print_table(report)
+        if args.json:
+            write_json(report, args.json)
+        if args.plot:
+            write_plot(fleet, report, args.plot)
+        ok = not report["failures"]
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        step("interrupted: every process stopped")
+        return 130
+    finally:
+        if args.keep or not ok:
+            step(f"work directory kept: {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
