@@ -5,6 +5,8 @@ certificate, so every connection attempt gets a fresh ``paho.Client`` built
 from the link's context. The durable outbox is the only record of what is
 unacknowledged: each new connection publishes what the outbox still holds,
 and a message leaves the outbox only when the broker's PUBACK says success.
+The PUBACKs read in one loop turn are deleted in one commit (one fsync, not
+one per message); a crash before that commit re-sends at most those messages.
 Losing a connection therefore loses nothing and duplicates at most the
 messages whose PUBACK was lost (at-least-once; consumers de-duplicate on seq).
 """
@@ -41,7 +43,7 @@ REFUSED_REASONS = {"Not authorized", "Bad user name or password", "Banned",
 
 class OutboxLike(Protocol):
     def pending(self, limit: int = ..., after_seq: int | None = ...) -> list[Any]: ...
-    def ack(self, seq: int) -> None: ...
+    def ack_many(self, seqs: list[int]) -> int: ...
 
 
 @dataclass
@@ -90,6 +92,7 @@ class MQTTLink:
         self._admitted = False
         self._socket_error = ""
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._acked: list[int] = []  # PUBACKed this loop turn, still in the outbox
         self._published_up_to = 0
         self._client: paho.Client | None = None
         self._thread: threading.Thread | None = None
@@ -167,6 +170,7 @@ class MQTTLink:
         try:
             while not self._stop.is_set() and client.socket() is not None:
                 client.loop(timeout=0.1)
+                self._commit_acks()
                 if self.connected.is_set():
                     self._pump(client)
                 elif self._hold_delay is not None or time.monotonic() > connack_deadline:
@@ -182,6 +186,7 @@ class MQTTLink:
         except (OSError, ssl.SSLError) as exc:
             self.stats.error(f"connection lost: {exc}")
         finally:
+            self._commit_acks()
             self._lost()
             if client.socket() is not None:
                 client.disconnect()
@@ -202,6 +207,13 @@ class MQTTLink:
             self._published_up_to = 0
         if was_connected:
             log.info("MQTT connection closed")
+
+    def _commit_acks(self) -> None:
+        """Delete the messages PUBACKed since the last call from the outbox, in one commit."""
+        if self._acked:
+            seqs, self._acked = self._acked, []
+            self.outbox.ack_many(seqs)
+            self.stats.acked += len(seqs)
 
     def _pump(self, client: paho.Client) -> None:
         with self._lock:
@@ -273,8 +285,7 @@ class MQTTLink:
             self.stats.error(f"broker refused message seq {seq}: {reason}")
             log.error("broker refused message seq %d: %s; kept in the outbox", seq, reason)
             return
-        self.outbox.ack(seq)
-        self.stats.acked += 1
+        self._acked.append(seq)  # committed by _commit_acks after this loop turn
 
     def _on_message(self, client: paho.Client, _userdata: object,
                     message: paho.MQTTMessage) -> None:
