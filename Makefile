@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m simulator.demo
+	.venv/bin/fleet-sim --devices 5 --scenario full --json demo-out/report.json --plot demo-out/fleet.png
 
 test: setup
 	.venv/bin/python -m pytest

@@ -182,8 +182,8 @@ class Fleet(contextlib.ExitStack):
         return self.agents[device_id].status()
 
     def connected_count(self) -> int:
-        return sum(1 for i in self.agents if self.status(i).get("running")
-                   and self.status(i).get("connected"))
+        statuses = [self.status(i) for i in self.agents]
+        return sum(1 for s in statuses if s.get("running") and s.get("connected"))
 
     def wait_all(self, ids: Iterable[str], condition: Callable[[str, dict[str, Any]], bool],
                  timeout: float) -> tuple[dict[str, dict[str, Any]], list[str]]:

@@ -136,6 +136,7 @@ def write_plot(fleet: Fleet, report: dict[str, Any], path: Path) -> None:
     top.set_ylim(0, report["devices"] * 1.1 + 0.5)
     bottom.plot(seconds, [rate.get(s, 0) for s in seconds], color="tab:green")
     bottom.set_ylabel("messages/s at the monitor")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("seconds since the enrollment storm began")
     for number, (at, _label) in enumerate(fleet.events, 1):
         for axis in (top, bottom):
