@@ -6,6 +6,7 @@ directories; a missing program fails the test with the package to install.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Iterator
@@ -171,14 +172,12 @@ def revocable_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
 
 # --- device agent ---
 
+from device_agent.config import AgentConfig, render_toml  # noqa: E402
+from provisioning.factory import LineSettings, LocalFactoryCA, provision  # noqa: E402
+from provisioning.registry import registrar  # noqa: E402
 from simulator.device import AgentProcess  # noqa: E402
 from simulator.monitor import TelemetryMonitor  # noqa: E402
 from simulator.seed import seed_operational, write_agent_config  # noqa: E402
-
-
-@pytest.fixture
-def agent_env(swtpm: SoftwareTPM) -> dict[str, str]:
-    return swtpm.env
 
 
 @pytest.fixture
@@ -225,3 +224,29 @@ def est_server(tmp_path_factory: pytest.TempPathFactory,
     with running_est_server(tmp_path_factory.mktemp("est-server"), est_pki,
                             certificate_lifetime="1h") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def enrollment_server(tmp_path_factory: pytest.TempPathFactory,
+                      pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
+    """The EST server of the broker's PKI, issuing 20-second certificates."""
+    with running_est_server(tmp_path_factory.mktemp("agent-est"), pki_dir,
+                            certificate_lifetime="20s") as server:
+        yield server
+
+
+def factory_device(directory: Path, device_id: str, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths,
+                   est: ESTServer, broker: Mosquitto, fraction: float = 2 / 3) -> AgentProcess:
+    """Provisioned by the factory script's code, then tuned for a fast test."""
+    line = LineSettings(est_url=f"https://127.0.0.1:{est.port}", broker_host="127.0.0.1",
+                        broker_port=broker.port, server_trust=pki_dir.server_trust,
+                        state_dir=directory / "state", api_socket=directory / "api.sock")
+    provision(device_id, swtpm.tcti, directory / "etc", LocalFactoryCA(pki_dir), line,
+              registrar(est.registry_path))
+    config_path = directory / "etc" / "agent.toml"
+    config = AgentConfig.load(config_path)
+    config = dataclasses.replace(
+        config, mqtt=dataclasses.replace(config.mqtt, telemetry_interval=0.25),
+        renewal=dataclasses.replace(config.renewal, retry_max=4.0, fraction=fraction))
+    config_path.write_text(render_toml(config))
+    return AgentProcess(config_path, swtpm.env)

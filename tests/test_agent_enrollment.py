@@ -9,7 +9,6 @@ import json
 import queue
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -17,43 +16,15 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.config import AgentConfig, render_toml
 from provisioning import pki
-from provisioning.factory import LineSettings, LocalFactoryCA, provision
-from provisioning.registry import DeviceState, registrar
-from simulator.device import AgentProcess
+from provisioning.registry import DeviceState
 from simulator.monitor import TelemetryMonitor
 from simulator.processes import Mosquitto, SoftwareTPM
 
-from .conftest import ClientFiles
-from .est_support import ESTServer, running_est_server
+from .conftest import ClientFiles, factory_device
+from .est_support import ESTServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def enrollment_server(tmp_path_factory: pytest.TempPathFactory,
-                      pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
-    """The EST server of the broker's PKI, issuing 20-second certificates."""
-    with running_est_server(tmp_path_factory.mktemp("agent-est"), pki_dir,
-                            certificate_lifetime="20s") as server:
-        yield server
-
-
-def factory_device(directory: Path, device_id: str, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths,
-                   est: ESTServer, broker: Mosquitto) -> AgentProcess:
-    """Provisioned by the factory script's code, then tuned for a fast test."""
-    line = LineSettings(est_url=f"https://127.0.0.1:{est.port}", broker_host="127.0.0.1",
-                        broker_port=broker.port, server_trust=pki_dir.server_trust,
-                        state_dir=directory / "state", api_socket=directory / "api.sock")
-    provision(device_id, swtpm.tcti, directory / "etc", LocalFactoryCA(pki_dir), line,
-              registrar(est.registry_path))
-    config_path = directory / "etc" / "agent.toml"
-    text = render_toml(AgentConfig.load(config_path))
-    text = text.replace("telemetry_interval = 60.0", "telemetry_interval = 0.25")
-    text = text.replace("retry_max = 300.0", "retry_max = 4.0")
-    config_path.write_text(text)
-    return AgentProcess(config_path, swtpm.env)
 
 
 def test_first_boot_enrolls_with_the_bootstrap_identity_and_publishes(

@@ -19,9 +19,8 @@ from simulator.device import AgentProcess
 from simulator.monitor import TelemetryMonitor
 from simulator.processes import SoftwareTPM
 
-from .conftest import ClientFiles, RenderedBroker, rendered_broker
+from .conftest import ClientFiles, RenderedBroker, factory_device, rendered_broker
 from .est_support import ESTServer, running_est_server
-from .test_agent_enrollment import factory_device
 
 pytestmark = pytest.mark.integration
 

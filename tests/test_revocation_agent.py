@@ -13,9 +13,8 @@ import pytest
 from provisioning import pki
 from simulator.processes import SoftwareTPM
 
-from .conftest import RenderedBroker, rendered_broker
+from .conftest import RenderedBroker, factory_device, rendered_broker
 from .est_support import ESTServer
-from .test_agent_enrollment import enrollment_server, factory_device  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +27,12 @@ def own_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
 
 def test_revoke_ends_the_live_session_and_the_device_cannot_return(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths,
-    enrollment_server: ESTServer,  # noqa: F811
+    enrollment_server: ESTServer,
     own_broker: RenderedBroker,
 ) -> None:
-    agent = factory_device(tmp_path / "dev", "revoked-1", swtpm, pki_dir, enrollment_server,
-                           own_broker.mosquitto)
     # a renewal in the middle would bring a new, unrevoked certificate: renew late
-    agent.config_path.write_text(agent.config_path.read_text().replace(
-        "fraction = 0.6666666666666666", "fraction = 0.9"))
-    assert "fraction = 0.9" in agent.config_path.read_text()
+    agent = factory_device(tmp_path / "dev", "revoked-1", swtpm, pki_dir, enrollment_server,
+                           own_broker.mosquitto, fraction=0.9)
     log = own_broker.mosquitto.process.log
     with agent:
         status = agent.wait_for(lambda s: s.get("connected"), 30, "connection")
