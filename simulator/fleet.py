@@ -252,8 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fleet-sim: --keystore file is not available: device_agent keeps keys only in "
               "a TPM today", file=sys.stderr)
         return 2
-    options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
-                           args.interval)
+    try:
+        options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
+                               args.interval)
+    except ValueError as exc:
+        print(f"fleet-sim: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     directory = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
     ok = False
