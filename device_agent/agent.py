@@ -110,14 +110,17 @@ class Agent:
 
     def _open_outbox(self) -> Outbox:
         path = self.config.paths.state_dir / "outbox.db"
-        options = dict(max_messages=self.config.outbox.max_messages,
-                       drop_policy=self.config.outbox.drop_policy)
+
+        def open_outbox() -> Outbox:
+            return Outbox(path, self.config.device.id, self.config.outbox.max_messages,
+                          self.config.outbox.drop_policy)
+
         try:
-            return Outbox(path, self.config.device.id, **options)
+            return open_outbox()
         except OutboxCorruptError as exc:
             kept = Outbox.quarantine(path)
             self._error(f"outbox database corrupt ({exc}); kept as {kept.name}, started afresh")
-            return Outbox(path, self.config.device.id, **options)
+            return open_outbox()
 
     def _start_api(self) -> LocalAPI | None:
         if self.config.api.socket is None:
@@ -221,7 +224,7 @@ class Agent:
         delay = max(full_jitter(self._failures, 2.0, self.config.renewal.retry_max), hint)
         self._retry_at = time.monotonic() + delay
         self._error(f"{self.state.value} failed: {result}; next attempt in {delay:.0f}s")
-        if not isinstance(result, IdentityError):
+        if isinstance(result, BaseException) and not isinstance(result, IdentityError):
             log.error("unexpected failure", exc_info=result)
 
     def _use(self, generation: Generation) -> None:

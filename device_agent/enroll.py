@@ -107,13 +107,16 @@ class Enroller:
             log.warning("%s failed (%s); retrying in %.1fs", name, error, delay)
             return delay
 
+        def sleep(seconds: float) -> None:
+            self.stop.wait(seconds)  # a stopping agent does not sit out a backoff
+
         stop = tenacity.stop_any(
             tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never,
-            lambda _state: self.stop.is_set(),
+            tenacity.stop_when_event_set(self.stop),
         )
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, ESTError) and e.retryable),
-            wait=wait, stop=stop, sleep=self.stop.wait, reraise=True,
+            wait=wait, stop=stop, sleep=sleep, reraise=True,
         )
         return retrying(call)
 

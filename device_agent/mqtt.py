@@ -294,7 +294,7 @@ class MQTTLink:
             return
         command = message.topic[len(prefix):]
         try:
-            answer = self.on_command(command, message.payload)
+            answer = self.on_command(command, bytes(message.payload))
         except Exception as exc:  # noqa: BLE001 - a failing command must not kill the link
             log.exception("command %s failed", command)
             answer = {"ok": False, "error": str(exc)}

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from .processes import require
 
@@ -31,7 +32,7 @@ class TelemetryMonitor:
         self._process: subprocess.Popen[str] | None = None
         self.received = 0
 
-    def __enter__(self) -> TelemetryMonitor:
+    def __enter__(self) -> Self:
         self._process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
