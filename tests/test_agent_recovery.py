@@ -7,6 +7,7 @@ Certificates live 8 seconds here; a device is stopped with telemetry still queue
 from __future__ import annotations
 
 import dataclasses
+import glob
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ from .est_support import ESTServer, running_est_server
 
 pytestmark = pytest.mark.integration
 
-FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))),
+                "libfaketime.so.1 (apt-get install faketime)")
 
 
 @pytest.fixture
