@@ -27,6 +27,7 @@ from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .enroll import Enroller
 from .errors import ESTError, IdentityError, OutboxCorruptError
+from .keystore import is_file_keystore, keystore_kind, open_keystore, read_key
 from .lifecycle import (
     Action,
     RenewalPolicy,
@@ -44,7 +45,6 @@ from .outbox import Outbox
 from .status import write_status
 from .systemd import Notifier
 from .tls import active_provider, client_context, releasing
-from .tpm import TPM, KeyBlob
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ class Agent:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         state_dir = self.config.paths.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with TPM(self.config.device.tcti) as tpm, self._open_outbox() as outbox:
+        if is_file_keystore(self.config.device.tcti):
+            log.warning("SIMULATION ONLY: keys are software keys in plain files (%s), "
+                        "not in a TPM; never use this on a real device", self.config.device.tcti)
+        with open_keystore(self.config.device.tcti) as tpm, self._open_outbox() as outbox:
             self.tpm, self.outbox = tpm, outbox
             self.store = CredentialStore(state_dir)
             self.enroller = Enroller(self.config, tpm, self.store, self.stop)
@@ -229,7 +232,8 @@ class Agent:
 
     def _use(self, generation: Generation) -> None:
         """Connect with ``generation``; the link of the previous one is closed first."""
-        KeyBlob.read(generation.key_path)  # a clear error for a damaged blob, before OpenSSL's
+        # a clear error for a damaged key file, before OpenSSL's
+        read_key(generation.key_path, self.config.device.tcti)
         context = client_context(certfile=generation.cert_path, keyfile=generation.key_path,
                                  cafile=self.config.paths.server_trust,
                                  tcti=self.config.device.tcti,
@@ -373,6 +377,7 @@ class Agent:
             "outbox_depth": self.outbox.depth(),
             "outbox_dropped": self.outbox.dropped(),
             "last_seq": self.outbox.last_seq(),
+            "keystore": keystore_kind(self.config.device.tcti),
             "tpm2_openssl": provider.version if provider else None,
             "clock_offset_s": self._clock_offset.total_seconds()
             if self._clock_offset is not None else None,

@@ -23,12 +23,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from ._files import fsync_dir, write_private
 from .errors import CredentialError
-from .tpm import KeyBlob
+
+if TYPE_CHECKING:
+    from .keystore import Key
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ class CredentialStore:
                 found.append(Generation(int(match.group(1)), entry))
         return sorted(found, key=lambda g: g.number)
 
-    def stage(self, key: KeyBlob, certificate_pem: bytes) -> Generation:
+    def stage(self, key: Key, certificate_pem: bytes) -> Generation:
         """Write a new, complete generation that nothing points at yet."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         generations = self._generations()

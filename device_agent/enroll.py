@@ -26,9 +26,10 @@ from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .errors import ESTError
 from .est import ESTClient, ESTReply
+from .keystore import Key, KeyStore
 from .lifecycle import full_jitter
 from .tls import NO_CHECK_TIME, client_context, releasing
-from .tpm import TPM, KeyBlob, build_csr
+from .tpm import build_csr
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ EnrollCall = Callable[[ESTClient, x509.CertificateSigningRequest], ESTReply]
 
 
 class Enroller:
-    def __init__(self, config: AgentConfig, tpm: TPM, store: CredentialStore,
+    def __init__(self, config: AgentConfig, tpm: KeyStore, store: CredentialStore,
                  stop: threading.Event, backoff_base: float = 2.0) -> None:
         self.config = config
         self.tpm = tpm
@@ -120,7 +121,7 @@ class Enroller:
         )
         return retrying(call)
 
-    def _check(self, reply: ESTReply, blob: KeyBlob) -> x509.Certificate:
+    def _check(self, reply: ESTReply, blob: Key) -> x509.Certificate:
         """The first certificate must be ours: our name and the key the TPM just made."""
         certificate = reply.certificates[0]
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -37,7 +37,8 @@ from device_agent.config import (
 )
 from device_agent.errors import IdentityError
 from device_agent.identity import validate_device_id
-from device_agent.tpm import TPM, build_csr
+from device_agent.keystore import open_keystore
+from device_agent.tpm import build_csr
 
 from . import pki
 
@@ -146,7 +147,7 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise FactoryError(f"{out_dir} is not empty and holds no device identity")
 
-    with TPM(tcti) as tpm:
+    with open_keystore(tcti) as tpm:
         blob = tpm.create_key()
         with tpm.loaded(blob) as key:
             csr = build_csr(key, device_id)

@@ -6,6 +6,12 @@ behind its own tpm2-abrmd, provisioned by the factory code and running the
 real ``device-agent``. An independent monitor (mosquitto_sub as the back end)
 counts every device's sequence numbers. All of it is stopped at the end, also
 on Ctrl-C or SIGTERM.
+
+``--keystore file`` is the scale mode: the same agent and factory code with
+``tcti = "file:<device>/keys"`` (device_agent.filekeys, SIMULATION ONLY:
+software keys in files), no swtpm or tpm2-abrmd, so N is bounded by the broker,
+the EST server and the machine rather than by software TPMs. Its report says
+``"mode": "file"``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .observe import Sampler, TimedMonitor
 from .processes import DBusSession, Mosquitto, SoftwareTPM, free_port
 
 BACKEND_ID = "backend"
+MAX_FILE_DEVICES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +56,13 @@ class FleetOptions:
     lifetime_s: int = 30          # operational certificates: renewals every ~2/3 of this
     interval_s: float = 1.0       # telemetry period per device
     recovery_grace: str = "1h"
+    keystore: str = "tpm"         # "file": software keys, simulation only
 
     def __post_init__(self) -> None:
-        if not 1 <= self.devices <= 500:
+        if self.keystore == "file":
+            if not 1 <= self.devices <= MAX_FILE_DEVICES:
+                raise ValueError(f"--devices must be 1-{MAX_FILE_DEVICES} with file-backed keys")
+        elif not 1 <= self.devices <= 500:
             raise ValueError("--devices must be 1-500 with TPM-backed devices")
         if self.lifetime_s < 10:
             raise ValueError("--lifetime must be at least 10 seconds")
@@ -126,17 +137,23 @@ class Fleet(contextlib.ExitStack):
         for index in range(self.options.devices):
             device_id = f"sim-{index + 1:03d}"
             directory = self.directory / "devices" / device_id
-            tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
-                                                 max_transients=3))
+            if self.options.keystore == "file":
+                tcti, env = f"file:{directory / 'keys'}", {}
+            else:
+                tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
+                                                     max_transients=3))
+                tcti, env = tpm.tcti, tpm.env
             line = LineSettings(est_url=self.est.base_url, broker_host="127.0.0.1",
                                 broker_port=self.broker.port, server_trust=self.pki.server_trust,
                                 state_dir=directory / "state", api_socket=directory / "api.sock")
-            provision(device_id, tpm.tcti, directory / "etc", factory, line, register)
+            provision(device_id, tcti, directory / "etc", factory, line, register)
             config_path = self._tune(directory / "etc" / "agent.toml")
-            self.agents[device_id] = AgentProcess(config_path, tpm.env)
+            self.agents[device_id] = AgentProcess(config_path, env)
         self.callback(self.stop_agents, list(self.agents))  # before the TPMs go
-        step(f"{len(self.agents)} devices provisioned by the factory code, each with its own "
-             f"swtpm + tpm2-abrmd, in {time.monotonic() - started:.1f}s")
+        keys = ("file-backed keys (SIMULATION ONLY, no TPM)" if self.options.keystore == "file"
+                else "its own swtpm + tpm2-abrmd")
+        step(f"{len(self.agents)} devices provisioned by the factory code, each with {keys}, "
+             f"in {time.monotonic() - started:.1f}s")
 
     def _tune(self, path: Path) -> Path:
         """The factory's agent.toml, with the recovery listener and a fast telemetry period."""
@@ -231,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--json", type=Path, help="write the report as JSON here")
     top.add_argument("--plot", type=Path, help="write a PNG plot here")
     top.add_argument("--keystore", choices=("tpm", "file"), default="tpm",
-                     help="file: not available yet (the agent is TPM-only)")
+                     help="file: software keys in files, SIMULATION ONLY, for large N "
+                          f"(up to {MAX_FILE_DEVICES}; tpm: up to 500)")
     top.add_argument("--lifetime", type=int, default=None,
                      help="certificate lifetime in seconds (default: 30, more for large N)")
     top.add_argument("--interval", type=float, default=1.0, help="telemetry period (s)")
@@ -248,13 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scenarios import run
 
     args = parser().parse_args(argv)
-    if args.keystore == "file":
-        print("fleet-sim: --keystore file is not available: device_agent keeps keys only in "
-              "a TPM today", file=sys.stderr)
-        return 2
     try:
         options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
-                               args.interval)
+                               args.interval, keystore=args.keystore)
     except ValueError as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return 2

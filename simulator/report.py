@@ -99,7 +99,12 @@ def _samples(fleet: Fleet) -> list[Any]:
     return fleet.sampler.samples if fleet.sampler else []
 
 
+def keys_label(report: dict[str, Any]) -> str:
+    return "file-backed keys (simulation)" if report.get("mode") == "file" else "TPM-backed"
+
+
 def print_table(report: dict[str, Any]) -> None:
+    print(f"fleet-sim {report['scenario']}: {report['devices']} devices, {keys_label(report)}")
     keys = [k for k in report if k not in ("events", "failures")]
     width = max(map(len, keys))
     print("-" * (width + 20))
@@ -147,7 +152,8 @@ def write_plot(fleet: Fleet, report: dict[str, Any], path: Path) -> None:
                        enumerate(fleet.events, 1))
     figure.text(0.01, 0.01, legend, fontsize=7, family="monospace", va="bottom")
     verdict = "PASS" if not report["failures"] else "FAIL"
-    top.set_title(f"fleet-sim {report['scenario']}: {report['devices']} TPM-backed devices, "
+    top.set_title(f"fleet-sim {report['scenario']}: {report['devices']} devices, "
+                  f"{keys_label(report)}, "
                   f"{report['messages_sent']} sent, {report['messages_lost']} lost ({verdict})")
     figure.tight_layout(rect=(0, 0.13 * len(fleet.events) / height + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

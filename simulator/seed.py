@@ -20,7 +20,7 @@ from device_agent.config import (
     render_toml,
 )
 from device_agent.credentials import CredentialStore
-from device_agent.tpm import TPM
+from device_agent.keystore import open_keystore
 from provisioning import pki
 
 
@@ -47,7 +47,7 @@ def seed_operational(config_path: Path, tcti: str, authority: pki.Authority,
                      lifetime: dt.timedelta = dt.timedelta(hours=1)) -> None:
     """Give a device an operational credential directly, as if it had enrolled."""
     config = AgentConfig.load(config_path)
-    with TPM(tcti) as tpm:
+    with open_keystore(tcti) as tpm:
         blob = tpm.create_key()
     cert = authority.issue_client(config.device.id, blob.public_key(), lifetime)
     store = CredentialStore(config.paths.state_dir)
