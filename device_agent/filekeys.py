@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ._files import write_private
+from ._keyfile import KeyFile
 from .errors import KeyFileError, TPMUnreachableError
 
 FILE_PREFIX = "file:"
@@ -28,7 +28,7 @@ PKCS8_MARKER = b"-----BEGIN PRIVATE KEY-----"
 
 
 @dataclass(frozen=True)
-class FileKey:
+class FileKey(KeyFile):
     """An EC P-256 private key as an unencrypted PKCS#8 PEM (simulation only)."""
 
     pem: bytes
@@ -52,17 +52,6 @@ class FileKey:
         return cls(key.private_bytes(serialization.Encoding.PEM,
                                      serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
-
-    @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> FileKey:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
-        return cls(data, str(path))
-
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        return write_private(path, self.pem)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._key.public_key()

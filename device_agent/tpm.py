@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from cryptography import x509
@@ -47,7 +46,7 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from ._files import write_private
+from ._keyfile import KeyFile
 from .errors import (
     ForeignKeyError,
     KeyFileError,
@@ -143,7 +142,7 @@ def _tpm_error(exc: TSS2_Exception, action: str) -> TPMError:
 
 
 @dataclass(frozen=True)
-class KeyBlob:
+class KeyBlob(KeyFile):
     """A TPM-wrapped key as stored in a ``TSS2 PRIVATE KEY`` file.
 
     The private part is encrypted under the storage root key of the TPM that
@@ -168,17 +167,6 @@ class KeyBlob:
                 "storage root key are supported"
             )
         object.__setattr__(self, "_key", key)
-
-    @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> KeyBlob:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
-        return cls(data, str(path))
-
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        return write_private(path, self.pem)
 
     @property
     def parent(self) -> int:
