@@ -17,4 +17,4 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/mypy device_agent provisioning
+	.venv/bin/mypy device_agent provisioning broker_config simulator
