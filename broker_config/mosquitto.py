@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent._files import write_private
-
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:" \
     "ECDHE-ECDSA-CHACHA20-POLY1305"
 TLS13_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
@@ -128,11 +126,3 @@ def render_conf(settings: BrokerSettings, acl_file: Path) -> str:
     if settings.crlfile:
         lines.append(f"crlfile {settings.crlfile}")
     return "\n".join(lines) + "\n"
-
-
-def write_config(settings: BrokerSettings, out_dir: Path) -> Path:
-    """Write ``mosquitto.conf`` and ``acl`` into ``out_dir``; returns the config path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    acl = write_private(out_dir / "acl", render_acl(settings).encode(), 0o644)
-    return write_private(out_dir / "mosquitto.conf", render_conf(settings, acl).encode(), 0o644)

@@ -11,7 +11,6 @@ in one rename, so a refusal or a crash leaves no partial identity behind.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from device_agent.keystore import open_keystore
 from device_agent.tpm import build_csr
 
 from . import pki
+from .registry import certificate_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,11 @@ class Summary:
 Registrar = Callable[[str, x509.Certificate, x509.Certificate | None], None]
 
 
-def fingerprint(certificate: x509.Certificate) -> str:
-    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
 def _summary(device_id: str, tcti: str, out_dir: Path, cert: x509.Certificate) -> Summary:
     public = cert.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    return Summary(device_id, f"{cert.serial_number:x}", fingerprint(cert), public.decode(), tcti,
-                   {name: str(out_dir / name) for name in FILES})
+    return Summary(device_id, f"{cert.serial_number:x}", certificate_fingerprint(cert),
+                   public.decode(), tcti, {name: str(out_dir / name) for name in FILES})
 
 
 def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None:

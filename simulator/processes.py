@@ -111,6 +111,15 @@ class Process:
         assert self.popen is not None
         return self.popen.pid
 
+    def log_offset(self) -> int:
+        """Where the log ends now; pass it to :meth:`log_since` after an action."""
+        return self.log.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log, encoding="utf-8", errors="replace") as log:
+            log.seek(offset)
+            return log.read()
+
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from device_agent._files import write_private
 from device_agent.config import (
     AgentConfig,
     APISection,
@@ -52,3 +55,15 @@ def seed_operational(config_path: Path, tcti: str, authority: pki.Authority,
     cert = authority.issue_client(config.device.id, blob.public_key(), lifetime)
     store = CredentialStore(config.paths.state_dir)
     store.activate(store.stage(blob, pki.cert_pem(cert)))
+
+
+def issue_file_client(directory: Path, authority: pki.Authority, name: str,
+                      lifetime: dt.timedelta = dt.timedelta(days=1)) -> tuple[Path, Path]:
+    """A client certificate with a software key (back-end services, baselines, refusals):
+    ``<name>.pem`` (leaf and intermediates) and ``<name>.key`` (0600)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = authority.issue_client(name, key.public_key(), lifetime)
+    return (write_private(directory / f"{name}.pem",
+                          pki.cert_pem(cert, *authority.chain[:-1]), 0o644),
+            write_private(directory / f"{name}.key", pki.key_pem(key)))

@@ -10,13 +10,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from broker_config.deploy import render_broker
-from device_agent._files import write_private
 from provisioning import pki
 
 from .processes import DBusSession, Mosquitto, SoftwareTPM, free_port
+from .seed import issue_file_client
 
 BACKEND_ID = "backend"
 
@@ -62,11 +60,5 @@ class LocalStack(contextlib.ExitStack):
 
     def file_client(self, name: str, lifetime: dt.timedelta = dt.timedelta(days=1)) -> Credential:
         """A client certificate from the Device CA with a software key (back end, baselines)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = self.device_ca.issue_client(name, key.public_key(), lifetime)
-        directory = self.directory / "clients"
-        directory.mkdir(exist_ok=True)
-        return Credential(
-            write_private(directory / f"{name}.pem", pki.cert_pem(cert), 0o644),
-            write_private(directory / f"{name}.key", pki.key_pem(key)),
-        )
+        return Credential(*issue_file_client(self.directory / "clients", self.device_ca, name,
+                                             lifetime))

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_agent.tpm import TPM, KeyBlob
 from provisioning import pki
+from simulator import seed
 from simulator.processes import DBusSession, Mosquitto, SoftwareTPM, free_port
 
 BACKEND_ID = "backend"
@@ -77,13 +77,8 @@ class ClientFiles:
 def issue_file_client(directory: Path, authority: pki.Authority, device_id: str,
                       lifetime: dt.timedelta = dt.timedelta(days=1)) -> ClientFiles:
     """A client identity with a software key: back-end services and negative cases."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = authority.issue_client(device_id, key.public_key(), lifetime)
-    (directory / f"{device_id}.key").write_bytes(pki.key_pem(key))
-    os.chmod(directory / f"{device_id}.key", 0o600)
-    (directory / f"{device_id}.pem").write_bytes(pki.cert_pem(cert, *authority.chain[:-1]))
-    return ClientFiles(directory / f"{device_id}.pem", directory / f"{device_id}.key", device_id)
+    cert, key = seed.issue_file_client(directory, authority, device_id, lifetime)
+    return ClientFiles(cert, key, device_id)
 
 
 @pytest.fixture(scope="session")

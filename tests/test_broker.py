@@ -120,13 +120,11 @@ def close(*sessions: Session) -> None:
 
 
 def log_since(broker: RenderedBroker, offset: int) -> str:
-    with open(broker.mosquitto.process.log, encoding="utf-8", errors="replace") as log:
-        log.seek(offset)
-        return log.read()
+    return broker.mosquitto.process.log_since(offset)
 
 
 def log_size(broker: RenderedBroker) -> int:
-    return broker.mosquitto.process.log.stat().st_size
+    return broker.mosquitto.process.log_offset()
 
 
 def refused(broker: RenderedBroker, trust: Path, *args: str) -> str:
