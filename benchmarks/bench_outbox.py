@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from device_agent.outbox import Outbox  # noqa: E402
+from simulator.processes import require  # noqa: E402
 
 SAMPLE = {"load": [0.12, 0.3, 0.25], "mem_available_kb": 812_344, "temperature_c": 48.5}
 
@@ -54,7 +55,7 @@ def measure(directory: Path, synchronous: str, seconds: float) -> dict[str, floa
 
 
 def filesystem(directory: Path) -> str:
-    out = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True,
+    out = subprocess.run([require("df"), "-T", str(directory)], capture_output=True, text=True,
                          check=False).stdout.splitlines()
     return out[-1].split()[1] if len(out) > 1 else "unknown"
 

@@ -4,9 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-dev
-      tpm2-openssl mosquitto mosquitto-clients dbus pkg-config build-essential
-      python3-venv python3-dev curl openssl)
+# One list for set-up, the README and the tests: simulator/debian-packages.txt.
+mapfile -t DEBS < <(sed -e 's/#.*//' simulator/debian-packages.txt | awk 'NF {print $1}')
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -8,6 +8,7 @@ the Debian package to install, never a silent skip.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -15,22 +16,29 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 
 from device_agent.errors import IdentityError
 
-PACKAGES = {
-    "swtpm": "swtpm",
-    "tpm2-abrmd": "tpm2-abrmd libtss2-tcti-tabrmd0",
-    "dbus-daemon": "dbus",
-    "dbus-send": "dbus",
-    "mosquitto": "mosquitto",
-    "mosquitto_sub": "mosquitto-clients",
-    "mosquitto_pub": "mosquitto-clients",
-    "tpm2_readpublic": "tpm2-tools",
-    "openssl": "openssl",
-    "curl": "curl",
-}
+
+def debian_packages() -> dict[str, list[str]]:
+    """Each Debian package scripts/setup.sh installs, with what of it the project calls."""
+    text = resources.files("simulator").joinpath("debian-packages.txt").read_text()
+    packages: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            packages[fields[0]] = fields[1:]
+    return packages
+
+
+def package_of(item: str) -> str:
+    """The Debian package that provides ``item`` (a program, or ``lib:FILE``)."""
+    for package, items in debian_packages().items():
+        if item in items:
+            return package
+    raise LookupError(f"{item} is in no package of simulator/debian-packages.txt")
 
 
 class ComponentError(IdentityError):
@@ -39,11 +47,20 @@ class ComponentError(IdentityError):
 
 def require(program: str) -> str:
     """Path of ``program``, or an error saying which Debian package provides it."""
+    package = package_of(program)
     path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
     if path is None:
-        package = PACKAGES.get(program, program)
         raise ComponentError(f"{program} not found: apt-get install {package} (or run make setup)")
     return path
+
+
+def require_library(name: str) -> str:
+    """Path of the library ``name`` under /usr/lib, or an error naming its package."""
+    package = package_of(f"lib:{name}")
+    found = sorted(glob.glob(f"/usr/lib/*/{name}"))
+    if not found:
+        raise ComponentError(f"{name} not found: apt-get install {package} (or run make setup)")
+    return found[0]
 
 
 def free_port() -> int:
@@ -98,7 +115,8 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        require(self.argv[0])
+        if not os.path.isabs(self.argv[0]):
+            require(self.argv[0])
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -7,7 +7,6 @@ Certificates live 8 seconds here; a device is stopped with telemetry still queue
 from __future__ import annotations
 
 import dataclasses
-import glob
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +17,15 @@ from device_agent.config import AgentConfig, render_toml
 from provisioning import pki
 from simulator.device import AgentProcess
 from simulator.monitor import TelemetryMonitor
-from simulator.processes import SoftwareTPM
+from simulator.processes import SoftwareTPM, require_library
 
 from .conftest import ClientFiles, RenderedBroker, factory_device, rendered_broker
 from .est_support import ESTServer, running_est_server
 
 pytestmark = pytest.mark.integration
 
-FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))),
-                "libfaketime.so.1 (apt-get install faketime)")
+FAKETIME = "faketime/libfaketime.so.1"
+
 
 
 @pytest.fixture
@@ -141,15 +140,14 @@ def test_a_device_whose_clock_reads_1970_still_recovers(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
     own_broker: RenderedBroker, backend: ClientFiles,
 ) -> None:
-    assert Path(FAKETIME).exists(), "apt-get install faketime (or run make setup)"
     agent = with_recovery(factory_device(tmp_path / "dev", "back-3", swtpm, pki_dir,
                                          within_grace, own_broker.mosquitto), within_grace)
     with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
                           key=backend.key) as monitor:
         go_offline_past_expiry(agent, own_broker)
         agent = AgentProcess(agent.config_path, {
-            **agent.env, "LD_PRELOAD": FAKETIME, "FAKETIME": "@1970-01-02 00:00:00",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+            **agent.env, "LD_PRELOAD": require_library(FAKETIME),
+            "FAKETIME": "@1970-01-02 00:00:00", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
         status, _ = come_back(agent, monitor)
     assert status["clock_offset_s"] > 50 * 365 * 86400
     assert "using the EST server's time" in agent.log_text()
@@ -167,7 +165,7 @@ def test_the_brokers_expired_alert_starts_recovery_when_the_clock_lags(
         go_offline_past_expiry(agent, own_broker)
         # six seconds slow: by its own clock the certificate is still valid
         agent = AgentProcess(agent.config_path, {
-            **agent.env, "LD_PRELOAD": FAKETIME, "FAKETIME": "-6",
+            **agent.env, "LD_PRELOAD": require_library(FAKETIME), "FAKETIME": "-6",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
         come_back(agent, monitor)
     assert "certificate expired" in agent.log_text()

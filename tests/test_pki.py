@@ -12,6 +12,7 @@ from cryptography import x509
 
 from provisioning import pki
 from provisioning.errors import PKIError
+from simulator.processes import require
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -69,8 +70,9 @@ def test_openssl_verifies_the_crl_and_reads_the_reason(locked: pki.PKIPaths,
     path = tmp_path / "crl.pem"
     pki.publish_crl(ca, [pki.Revocation(0xABCDEF, NOW, x509.ReasonFlags.superseded),
                          pki.Revocation(0x42, NOW)], path)
-    out = subprocess.run(["openssl", "crl", "-in", path, "-CAfile", locked.device_ca / "ca.pem",
-                          "-noout", "-text"], capture_output=True, text=True, check=True)
+    out = subprocess.run([require("openssl"), "crl", "-in", path, "-CAfile",
+                          locked.device_ca / "ca.pem", "-noout", "-text"],
+                         capture_output=True, text=True, check=True)
     assert "verify OK" in out.stderr + out.stdout
     assert "ABCDEF" in out.stdout and "Superseded" in out.stdout
     assert out.stdout.count("Serial Number") == 2

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.systemd import Notifier
+from simulator.processes import require
 
 UNIT = "device-agent.service"
 CHILD = """
@@ -143,9 +144,7 @@ def shipped_unit(tmp_path: Path) -> Path:
 
 
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    assert found, "systemd-analyze is missing: apt-get install systemd"
-    return found
+    return require("systemd-analyze")
 
 
 def test_unit_security_exposure_is_at_most_2(tmp_path: Path) -> None:
@@ -170,7 +169,7 @@ def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     (root / "usr/bin/device-agent").write_text("#!/bin/sh\n")
     (root / "usr/bin/device-agent").chmod(0o755)
     (root / "bin").mkdir()
-    shutil.copy2("/bin/kill", root / "bin/kill")
+    shutil.copy2(require("kill"), root / "bin/kill")
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
     shipped_unit(unit_dir)
