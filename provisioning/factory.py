@@ -87,6 +87,7 @@ class LineSettings:
     state_dir: Path = Path("/var/lib/device-agent")
     installed_dir: Path | None = None  # where out_dir will live on the device, if elsewhere
     api_socket: Path | None = Path("/run/device-agent/api.sock")
+    service_group: int | None = None  # gid the installed agent runs as; it must read the files
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,19 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        write_private(staging / "bootstrap.tss", blob.pem)
-        write_private(staging / "bootstrap.pem", pki.cert_pem(cert), 0o644)
-        write_private(staging / "trust.pem", line.server_trust.read_bytes(), 0o644)
-        write_private(staging / "agent.toml", render_toml(config).encode(), 0o644)
-        write_private(staging / "identity.json",
-                      json.dumps({"device_id": device_id, "tcti": tcti,
-                                  "bootstrap_serial": f"{cert.serial_number:x}"}).encode(), 0o644)
+        identity = json.dumps({"device_id": device_id, "tcti": tcti,
+                               "bootstrap_serial": f"{cert.serial_number:x}"}).encode()
+        # The key blob is TPM-wrapped (useless off this chip): the agent's group may read it.
+        for name, data, mode in (("bootstrap.tss", blob.pem, 0o640),
+                                 ("bootstrap.pem", pki.cert_pem(cert), 0o644),
+                                 ("trust.pem", line.server_trust.read_bytes(), 0o644),
+                                 ("agent.toml", render_toml(config).encode(), 0o640),
+                                 ("identity.json", identity, 0o644)):
+            write_private(staging / name, data, mode)
+            if line.service_group is not None:
+                os.chown(staging / name, -1, line.service_group)
+        if line.service_group is not None:
+            os.chown(staging, -1, line.service_group)
         os.chmod(staging, 0o750)  # noqa: S103 - the agent group traverses it
         register(device_id, cert, previous[1] if previous else None)
         _swap_into_place(staging, out_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import grp
 import json
 import os
 import sys
@@ -19,6 +20,20 @@ from . import pki
 from .factory import LineSettings, LocalFactoryCA, provision
 from .registry import registrar
 
+SERVICE_GROUP = "device-agent"  # created by the device-agent package (sysusers.d)
+NO_GROUP_NOTE = (f"device-provision: note: no group {SERVICE_GROUP!r} here (the device-agent "
+                 "package creates it); the identity is readable by its owner and group only")
+
+
+def _service_group(name: str | None) -> int | None:
+    """The gid the identity is handed to: --group, else device-agent where it exists."""
+    try:
+        return grp.getgrnam(name or SERVICE_GROUP).gr_gid
+    except KeyError:
+        if name is None:
+            return None
+        raise IdentityError(f"--group {name}: no such group") from None
+
 
 def _line(args: argparse.Namespace) -> LineSettings:
     host, _, port = args.broker.rpartition(":")
@@ -27,7 +42,7 @@ def _line(args: argparse.Namespace) -> LineSettings:
     return LineSettings(
         est_url=args.est_url, broker_host=host, broker_port=int(port),
         server_trust=pki.PKIPaths(args.pki).server_trust, state_dir=args.state_dir,
-        installed_dir=args.installed_dir,
+        installed_dir=args.installed_dir, service_group=_service_group(args.group),
     )
 
 
@@ -68,15 +83,20 @@ def _batch(args: argparse.Namespace) -> int:
             print(json.dumps({"row": number, "device_id": device_id, "ok": True,
                               "bootstrap_serial": summary.bootstrap_serial}), flush=True)
     print(json.dumps({"provisioned": done, "failed": failed}), flush=True)
+    if done and line.service_group is None:
+        print(NO_GROUP_NOTE, file=sys.stderr)
     return 1 if failed else 0
 
 
 def _single(args: argparse.Namespace) -> int:
     if not (args.device_id and args.tcti and args.out):
         raise IdentityError("give --device-id, --tcti and --out, or --batch CSV")
-    summary = provision(args.device_id, args.tcti, Path(args.out), _signer(args), _line(args),
+    line = _line(args)
+    summary = provision(args.device_id, args.tcti, Path(args.out), _signer(args), line,
                         registrar(args.registry), force=args.force)
     print(summary.to_json())
+    if line.service_group is None:
+        print(NO_GROUP_NOTE, file=sys.stderr)
     return 0
 
 
@@ -94,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcti", help="e.g. device:/dev/tpmrm0")
     parser.add_argument("--out", help="the device's configuration directory")
     parser.add_argument("--batch", type=Path, help="CSV of device_id,tcti,out_dir")
+    parser.add_argument("--group", help=f"group the installed agent runs as, given read access "
+                        f"to the identity (default: {SERVICE_GROUP}, where that group exists)")
     parser.add_argument("--force", action="store_true",
                         help="re-provision; the old bootstrap certificate is revoked")
     args = parser.parse_args(argv)

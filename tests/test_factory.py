@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import grp
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,7 +84,35 @@ def test_written_agent_config_is_accepted_by_the_agent(
     assert config.paths.bootstrap_key == out / "bootstrap.tss"
     assert (out / "trust.pem").read_bytes() == \
         pki.PKIPaths(line["pki"]).server_trust.read_bytes()
-    assert (out / "bootstrap.tss").stat().st_mode & 0o777 == 0o600
+    assert (out / "bootstrap.tss").stat().st_mode & 0o777 == 0o640
+
+
+def test_the_identity_is_handed_to_the_agents_group_with_narrow_modes(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    """The shipped unit runs as device-agent: it must read what the factory wrote, no more."""
+    out = tmp_path / "etc"
+    result = provision(line, "--device-id", "fab-grp", "--tcti", swtpm.tcti, "--out", str(out),
+                       "--group", "nogroup")
+    assert result.returncode == 0, result.stderr
+    gid = grp.getgrnam("nogroup").gr_gid
+    modes = {p.name: (stat.S_IMODE(p.stat().st_mode), p.stat().st_gid)
+             for p in (out, *out.iterdir())}
+    assert modes == {"etc": (0o750, gid), "bootstrap.tss": (0o640, gid),
+                     "agent.toml": (0o640, gid), "bootstrap.pem": (0o644, gid),
+                     "trust.pem": (0o644, gid), "identity.json": (0o644, gid)}
+
+
+def test_an_unknown_group_is_refused_and_nothing_is_written(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    result = provision(line, "--device-id", "fab-nogrp", "--tcti", swtpm.tcti, "--out", str(out),
+                       "--group", "no-such-group")
+    assert result.returncode == 2 and "no-such-group" in result.stderr
+    assert listing(tmp_path) == []
+    with open_registry(line["registry"]) as registry:
+        assert registry.device("fab-nogrp") is None
 
 
 def test_summary_names_the_device_and_the_registry_allowlists_it(
