@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint deb test-fresh test-systemd
 
 # The TSS logs expected misses (an absent SRK on first boot) as errors; keep output readable.
 export TSS2_LOG ?= all+none
@@ -18,3 +18,12 @@ bench: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy device_agent provisioning broker_config simulator
+
+# Debian packages of the agent and the back office, for the release this machine runs.
+deb: setup
+	/usr/bin/python3 packaging/build_deb.py
+
+# The README's two commands on a fresh Debian root: make test-fresh DIST=bookworm|trixie
+DIST ?= bookworm
+test-fresh: setup
+	bash scripts/fresh-root.sh $(DIST)
