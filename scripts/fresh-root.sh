@@ -29,8 +29,9 @@ mkdir -p "$base"
 rm -rf --one-file-system "$root"
 
 # This machine's mirrors, as its apt sources name them (deb822 or one-line format).
-uris=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs: *//p'; \
-       grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}')
+uris=$( { cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs: *//p'
+          grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+              | awk '{print $2}'; } || true)
 mirror=$(grep -v -- '-security' <<<"$uris" | head -n1)
 security=$(grep -- '-security' <<<"$uris" | head -n1 || true)
 [ -n "$mirror" ] || { echo "fresh-root: no Debian mirror in this machine's apt sources" >&2; exit 2; }
