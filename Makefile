@@ -27,3 +27,7 @@ deb: setup
 DIST ?= bookworm
 test-fresh: setup
 	bash scripts/fresh-root.sh $(DIST)
+
+# The .deb and the unit under a real systemd (PID 1 in a container on a fresh root).
+test-systemd: deb
+	.venv/bin/python -m pytest -p no:cacheprovider -s systemtests

@@ -70,8 +70,10 @@ PACKAGES = {
             "/usr/lib/tmpfiles.d/device-agent.conf": AGENT_DATA / "device-agent.tmpfiles",
         },
         # tpm2-openssl: the provider that signs TLS handshakes in the TPM; the TCTIs are
-        # loaded by name at run time, so no ELF scan finds them.
-        depends=("systemd", "tpm2-openssl", "libtss2-tcti-device0", "libtss2-tcti-tabrmd0"),
+        # loaded by name at run time, so no ELF scan finds them; procps: the unit's
+        # ExecReload=/bin/kill (minimal roots lack it: reload failed 203/EXEC without).
+        depends=("systemd", "procps", "tpm2-openssl", "libtss2-tcti-device0",
+                 "libtss2-tcti-tabrmd0"),
         recommends=(),
         scripts=ROOT / "packaging" / "device-agent",
     ),

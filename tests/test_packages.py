@@ -20,7 +20,8 @@ import pytest
 from simulator.processes import debian_packages, package_of, require, require_library
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("device_agent", "provisioning", "broker_config", "simulator", "tests", "benchmarks")
+SOURCES = ("device_agent", "provisioning", "broker_config", "simulator", "tests", "benchmarks",
+           "systemtests")
 RUNNERS = {f"subprocess.{name}" for name in ("run", "Popen", "call", "check_call",
                                               "check_output")}
 
