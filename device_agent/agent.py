@@ -326,6 +326,8 @@ class Agent:
             self._error(f"reload refused, keeping the running configuration: {exc}")
         else:
             changed = config.mqtt != self.config.mqtt
+            if config.mqtt.telemetry_interval != self.config.mqtt.telemetry_interval:
+                self._next.pop("telemetry", None)  # not on the old interval's schedule
             self.config = config
             log.info("configuration reloaded from %s", self.config_path)
             if changed and self.generation is not None:

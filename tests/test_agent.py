@@ -6,6 +6,7 @@ and renewal over EST are in test_agent_enrollment.py.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.config import AgentConfig
+from device_agent.config import AgentConfig, render_toml
 from provisioning import pki
 from simulator.device import AgentProcess
 from simulator.monitor import TelemetryMonitor
@@ -263,3 +264,21 @@ def test_sighup_reloads_a_valid_config_and_keeps_the_running_one_on_a_broken_one
                                 "the refused reload")
         assert agent.running() and status["connected"]
     assert "[mqtt] port: must be an integer" in " ".join(status["errors"])
+
+
+def test_a_reload_that_shortens_the_telemetry_interval_takes_effect_at_once(
+    operational_device: AgentProcess,
+) -> None:
+    """Found under real systemd: the next tick stayed on the old interval's schedule."""
+    path = operational_device.config_path
+    config = AgentConfig.load(path)
+    slow = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt,
+                                                                telemetry_interval=3600.0))
+    path.write_text(render_toml(slow))
+    with operational_device as agent:
+        status = agent.wait_for(lambda s: connected(s) and s.get("last_seq"), 20,
+                                "first telemetry")
+        first = status["last_seq"]
+        path.write_text(render_toml(config))  # back to 0.2 s
+        agent.process.send_signal(signal.SIGHUP)
+        agent.wait_for(published_at_least(first + 3), 10, "telemetry on the new interval")
