@@ -61,6 +61,7 @@ class Device:
     est: ESTServer
     root: Path
     lines: list[str] = field(default_factory=list)
+    journal_seen: int = 0
 
     def record(self, step: str, journal_grep: tuple[str, ...] = ()) -> dict[str, str]:
         state = self.unit()
@@ -68,8 +69,8 @@ class Device:
                           f"SubState={state['SubState']} MainPID={state['MainPID']} "
                           f"NRestarts={state['NRestarts']} Result={state['Result']}")
         journal = self.box.journal(UNIT).splitlines()
-        self.lines += [f"   {line}" for line in journal
-                       if any(word in line for word in journal_grep)]
+        new, self.journal_seen = journal[self.journal_seen:], len(journal)
+        self.lines += [f"   {line}" for line in new if any(word in line for word in journal_grep)]
         return state
 
     def unit(self) -> dict[str, str]:

@@ -104,7 +104,7 @@ def test_the_shipped_units_call_only_listed_programs() -> None:
 
 def test_readme_states_the_same_packages() -> None:
     readme = (ROOT / "README.md").read_text()
-    match = re.search(r"the Debian packages `([^`]+)`", readme)
+    match = re.search(r"the\s+Debian\s+packages\s+`([^`]+)`", readme)
     assert match, "README no longer states the package list"
     assert match.group(1).split() == list(debian_packages())
 

@@ -188,3 +188,39 @@ def test_unit_keeps_the_agreed_contract() -> None:
                  "DevicePolicy=closed", "StateDirectoryMode=0700",
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
         assert line in text.splitlines(), line
+
+
+BACK_OFFICE_UNITS = ("est-server.service", "device-crl-refresh.service",
+                     "device-crl-refresh.timer")
+
+
+def test_back_office_units_verify_cleanly(tmp_path: Path) -> None:
+    """The server package's units, against a throwaway root like the agent's."""
+    root = tmp_path / "root"
+    shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system",
+                    symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    for command in ("est-server", "device-pki", "broker-config"):
+        (root / "usr/bin" / command).write_text("#!/bin/sh\n")
+        (root / "usr/bin" / command).chmod(0o755)
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for name in BACK_OFFICE_UNITS:
+        (unit_dir / name).write_bytes(
+            resources.files("provisioning").joinpath("data", name).read_bytes())
+    result = subprocess.run([systemd_analyze(), "verify", "--man=no", f"--root={root}",
+                             *(f"/etc/systemd/system/{name}" for name in BACK_OFFICE_UNITS)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_est_server_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    target = tmp_path / "est-server.service"
+    target.write_bytes(resources.files("provisioning").joinpath(
+        "data", "est-server.service").read_bytes())
+    result = subprocess.run([systemd_analyze(), "security", "--offline=yes", "--no-pager",
+                             str(target)], capture_output=True, text=True, timeout=120,
+                            check=False)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
