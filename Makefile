@@ -28,6 +28,7 @@ DIST ?= bookworm
 test-fresh: setup
 	bash scripts/fresh-root.sh $(DIST)
 
-# The .deb and the unit under a real systemd (PID 1 in a container on a fresh root).
-test-systemd: deb
-	.venv/bin/python -m pytest -p no:cacheprovider -s systemtests
+# The .deb and the unit under a real systemd (PID 1 in a container on a fresh DIST root);
+# the package for DIST comes from make deb on DIST, or from make test-fresh DIST=...
+test-systemd: setup
+	DIST=$(DIST) .venv/bin/python -m pytest -p no:cacheprovider -s systemtests

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A fresh Debian root, as a new user's machine: debootstrap from this machine's own apt
 # sources, a clone of this repository's HEAD in it, and a command run there under
-# systemd-nspawn (default: the README's `make demo` and `make test`).
+# systemd-nspawn (default: the README's `make demo` and `make test`, then `make deb`, whose
+# packages for that release are copied back to dist/ for the systemd test).
 #
 #   scripts/fresh-root.sh DIST [COMMAND...]       DIST: bookworm (Debian 12) or trixie (13)
 #
@@ -17,7 +18,7 @@ repo=$(pwd)
 dist=${1:?usage: scripts/fresh-root.sh bookworm|trixie [COMMAND...]}
 shift
 case "$dist" in bookworm|trixie) ;; *) echo "fresh-root: DIST must be bookworm or trixie" >&2; exit 2;; esac
-if (($# == 0)); then set -- make demo test; fi
+if (($# == 0)); then set -- make demo test deb; fi
 [ "$(id -u)" -eq 0 ] || { echo "fresh-root: run as root (debootstrap, systemd-nspawn)" >&2; exit 2; }
 for tool in debootstrap systemd-nspawn git; do
     command -v "$tool" >/dev/null || { echo "fresh-root: $tool missing: run make setup" >&2; exit 2; }
@@ -66,5 +67,10 @@ systemd-nspawn --quiet --register=no --keep-unit --resolv-conf=copy-host \
     --setenv=DEBIAN_FRONTEND=noninteractive \
     /bin/sh -c 'update-ca-certificates >/dev/null && exec "$@"' sh "$@" || status=$?
 echo "fresh-root: $dist: '$*' exited $status after $((SECONDS - started)) s"
+if compgen -G "$root/work/project/dist/*.deb" >/dev/null; then
+    mkdir -p "$repo/dist"
+    cp "$root"/work/project/dist/*.deb "$repo/dist/"
+    echo "fresh-root: $(cd "$root/work/project/dist" && echo *.deb) copied to dist/"
+fi
 [ -n "${KEEP_ROOT:-}" ] || rm -rf --one-file-system "$root"
 exit "$status"

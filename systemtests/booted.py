@@ -21,11 +21,22 @@ REPO = Path(__file__).resolve().parent.parent
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+RELEASES = {"bookworm": "12", "trixie": "13"}
+
+
 def host_release() -> str:
     for line in Path("/etc/os-release").read_text().splitlines():
         if line.startswith("VERSION_CODENAME="):
             return line.split("=", 1)[1].strip('"')
     raise ComponentError("cannot tell this machine's Debian release")
+
+
+def target_release() -> str:
+    """The release to boot: $DIST (bookworm or trixie), else this machine's."""
+    dist = os.environ.get("DIST") or host_release()
+    if dist not in RELEASES:
+        raise ComponentError(f"DIST={dist}: bookworm or trixie")
+    return dist
 
 
 def cgroup_unified() -> bool:

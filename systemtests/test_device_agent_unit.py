@@ -1,13 +1,13 @@
 """The shipped package and unit under a real systemd, as a device maker installs them.
 
-A fresh Debian root (this machine's release) is booted with systemd as PID 1; the
+A fresh Debian root ($DIST, else this machine's release) is booted with systemd as PID 1; the
 device-agent .deb from ``make deb`` is installed with apt; swtpm behind the Debian
 tpm2-abrmd service stands in for the device's TPM chip; the device is provisioned
 inside the container with the shipped ``device-provision`` against a back office on
 this machine (PKI, est-server, Mosquitto as ``broker-config`` renders it, and an
 independent subscriber). The tests run in order on one booted device; each step
 records the unit's state and the journal lines that prove it in a transcript
-(build/systemd-transcript.txt).
+(build/systemd-transcript-DIST.txt).
 """
 
 from __future__ import annotations
@@ -33,24 +33,20 @@ from simulator.processes import free_port_pair
 from tests.conftest import BACKEND_ID, rendered_broker
 from tests.conftest import issue_file_client as backend_client
 
-from .booted import REPO, BootedRoot, fresh_root, host_release, run_in_root
+from .booted import RELEASES, REPO, BootedRoot, fresh_root, run_in_root, target_release
 
 DEVICE = "sysd-1"
 CONFIG = "/etc/device-agent/agent.toml"
 UNIT = "device-agent.service"
-TRANSCRIPT = REPO / "build" / "systemd-transcript.txt"
+def transcript_path() -> Path:
+    return REPO / "build" / f"systemd-transcript-{target_release()}.txt"
 
 
-def release_number() -> str:
-    for line in Path("/etc/os-release").read_text().splitlines():
-        if line.startswith("VERSION_ID="):
-            return line.split("=", 1)[1].strip('"')
-    return "0"
-
-
-def agent_deb() -> Path:
-    found = sorted((REPO / "dist").glob(f"device-agent_*~deb{release_number()}_*.deb"))
-    assert found, "no device-agent .deb for this release in dist/: run make deb"
+def agent_deb(dist: str) -> Path:
+    """The package for ``dist``: a virtualenv is tied to that release's python3."""
+    found = sorted((REPO / "dist").glob(f"device-agent_*~deb{RELEASES[dist]}_*.deb"))
+    assert found, (f"no device-agent .deb for {dist} in dist/: make deb on {dist}, or "
+                   f"make test-fresh DIST={dist} (which builds it there)")
     return found[-1]
 
 
@@ -147,12 +143,13 @@ WantedBy=multi-user.target
 
 @pytest.fixture(scope="module")
 def device() -> Iterator[Device]:
-    deb = agent_deb()
+    dist = target_release()
+    deb = agent_deb(dist)
     work = Path(tempfile.mkdtemp(prefix="systemd-unit-", dir="/var/tmp"))
     work.chmod(0o755)
-    lines = [f"package: {deb.name}"]
+    lines = [f"release: {dist}; package: {deb.name}"]
     try:
-        root = fresh_root(host_release(), work / "roots")
+        root = fresh_root(dist, work / "roots")
         shutil.copy(deb, root / "root" / deb.name)  # nspawn mounts a tmpfs on /tmp
         run_in_root(root, "sh", "-c", "apt-get update -qq && apt-get install -y -qq "
                     f"--no-install-recommends systemd-sysv dbus swtpm tpm2-abrmd "
@@ -188,8 +185,9 @@ def device() -> Iterator[Device]:
             result = Device(box, monitor, est, root, lines)
             yield result
     finally:
-        TRANSCRIPT.parent.mkdir(exist_ok=True)
-        TRANSCRIPT.write_text("\n".join(lines) + "\n")
+        transcript = transcript_path()
+        transcript.parent.mkdir(exist_ok=True)
+        transcript.write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         if not os.environ.get("KEEP_ROOT"):
             shutil.rmtree(work, ignore_errors=True)
