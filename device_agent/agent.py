@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import logging
 import queue
+import resource
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .enroll import Enroller
-from .errors import ESTError, IdentityError, OutboxCorruptError
+from .errors import ESTError, IdentityError, OutboxCorruptError, OutboxError
 from .keystore import is_file_keystore, keystore_kind, open_keystore, read_key
 from .lifecycle import (
     Action,
@@ -57,6 +58,14 @@ DRAIN_SECONDS = 5.0
 def _key_fingerprint(certificate: x509.Certificate) -> str:
     der = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def raise_file_limit(wanted: int = 8192) -> None:
+    """Room for the local API's clients: systemd's default soft limit is 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def jitter_draw(serial: int) -> float:
@@ -91,6 +100,7 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        raise_file_limit()
         state_dir = self.config.paths.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if is_file_keystore(self.config.device.tcti):
@@ -128,7 +138,8 @@ class Agent:
     def _start_api(self) -> LocalAPI | None:
         if self.config.api.socket is None:
             return None
-        return LocalAPI(self.config.api.socket, self.publish, self.config.api.group)
+        return LocalAPI(self.config.api.socket, self.publish, self.config.api.group,
+                        self.config.api.max_payload)
 
     def _start(self, current: Generation | None) -> None:
         while current is not None:
@@ -176,13 +187,24 @@ class Agent:
         self._consider_renewal()
         interval = self.config.mqtt.telemetry_interval
         if interval and self.generation is not None and self._due("telemetry", interval):
-            self.publish("telemetry", {"system": system_metrics()})
+            self._store_telemetry()
         watchdog = self.notifier.watchdog_interval
         if watchdog and self._due("watchdog", watchdog / 3):
             if self._healthy():
                 self.notifier.watchdog()
         if self._due("status", STATUS_EVERY):
             self._write_status()
+
+    def _store_telemetry(self) -> None:
+        try:
+            self.publish("telemetry", {"system": system_metrics()})
+        except OutboxError as exc:  # full (the outbox counted the drop), or no space left
+            self._error_now_and_then("telemetry", f"telemetry not stored: {exc}")
+
+    def _error_now_and_then(self, kind: str, message: str) -> None:
+        """An error that may repeat every tick is logged once a minute."""
+        if self._due(f"error:{kind}", 60.0):
+            self._error(message)
 
     def _spawn(self, work: Callable[[], object], name: str) -> None:
         def run() -> None:
@@ -346,6 +368,9 @@ class Agent:
         if self.generation is not None and not self.generation.complete():
             self._error("watchdog withheld: credential files missing")
             return False
+        if self.link is not None and not self.link.alive():
+            self._error("watchdog withheld: the MQTT link's thread has stopped")
+            return False
         return True
 
     def _error(self, message: str) -> None:
@@ -378,6 +403,7 @@ class Agent:
             "link": link.stats.__dict__ if link else None,
             "outbox_depth": self.outbox.depth(),
             "outbox_dropped": self.outbox.dropped(),
+            "outbox_set_aside": self.outbox.set_aside_count(),
             "last_seq": self.outbox.last_seq(),
             "keystore": keystore_kind(self.config.device.tcti),
             "tpm2_openssl": provider.version if provider else None,
@@ -388,7 +414,10 @@ class Agent:
 
     def _write_status(self) -> None:
         status = self.status()
-        write_status(self.config.paths.state_dir, status)
+        try:
+            write_status(self.config.paths.state_dir, status)
+        except IdentityError as exc:  # a full disk must not stop the agent
+            self._error_now_and_then("status", f"status not written: {exc}")
         connected = "connected" if status["connected"] else "not connected"
         self.notifier.status(f"{status['state']}, {connected}, outbox {status['outbox_depth']}")
 

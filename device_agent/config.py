@@ -67,6 +67,8 @@ class OutboxSection:
 class APISection:
     socket: Path | None = None
     group: str | None = None
+    max_payload: int = 128 * 1024  # bytes of JSON a local publish may carry; keep under the
+    # broker's message_size_limit
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class AgentConfig:
             raise fail("[renewal] fraction", f"must be 0.1-0.95, got {self.renewal.fraction}")
         if not 0 <= self.renewal.jitter < 1 - self.renewal.fraction:
             raise fail("[renewal] jitter", "must be >= 0 and leave room before expiry")
+        if not 1 <= self.api.max_payload <= 256 * 1024:
+            raise fail("[api] max_payload", f"must be 1-262144 bytes, got {self.api.max_payload}")
         if self.outbox.max_messages < 1 or self.outbox.inflight < 1:
             raise fail("[outbox]", "max_messages and inflight must be positive")
 

@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .errors import OutboxError
 from .lifecycle import full_jitter
 from .tls import handshake_lock
 
@@ -44,6 +45,7 @@ REFUSED_REASONS = {"Not authorized", "Bad user name or password", "Banned",
 class OutboxLike(Protocol):
     def pending(self, limit: int = ..., after_seq: int | None = ...) -> list[Any]: ...
     def ack_many(self, seqs: list[int]) -> int: ...
+    def set_aside(self, seq: int, reason: str) -> bool: ...
 
 
 @dataclass
@@ -55,6 +57,7 @@ class LinkStats:
     published: int = 0
     acked: int = 0
     refused_publishes: int = 0
+    set_aside: int = 0
     last_error: str = ""
     last_connack: str = ""
     connected_since: float | None = None
@@ -93,6 +96,7 @@ class MQTTLink:
         self._socket_error = ""
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._acked: list[int] = []  # PUBACKed this loop turn, still in the outbox
+        self._ack_error_logged = float("-inf")
         self._published_up_to = 0
         self._client: paho.Client | None = None
         self._thread: threading.Thread | None = None
@@ -137,10 +141,20 @@ class MQTTLink:
         self._socket_error = ""
         return client
 
+    def alive(self) -> bool:
+        """The link's thread is running (connected, or retrying with backoff)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            admitted, delay = self._connect_once()
+            try:
+                admitted, delay = self._connect_once()
+            except Exception as exc:  # noqa: BLE001 - the link must outlive any one failure
+                log.exception("MQTT link failed; starting a new connection")
+                self.stats.error(f"link failed: {exc!r}")
+                self._lost()
+                admitted, delay = False, None
             if self._stop.is_set():
                 break
             attempt = 0 if admitted else attempt + 1
@@ -209,10 +223,23 @@ class MQTTLink:
             log.info("MQTT connection closed")
 
     def _commit_acks(self) -> None:
-        """Delete the messages PUBACKed since the last call from the outbox, in one commit."""
+        """Delete the messages PUBACKed since the last call from the outbox, in one commit.
+
+        If the outbox cannot write (a full disk), the acknowledged messages stay queued
+        and are retried at the next turn: at worst sent again after a reconnect.
+        """
         if self._acked:
             seqs, self._acked = self._acked, []
-            self.outbox.ack_many(seqs)
+            try:
+                self.outbox.ack_many(seqs)
+            except OutboxError as exc:
+                self._acked = seqs + self._acked
+                now = time.monotonic()
+                if now >= self._ack_error_logged + 60:
+                    self._ack_error_logged = now
+                    self.stats.error(f"acknowledged messages not yet removed: {exc}")
+                    log.warning("outbox cannot record acknowledgements yet: %s", exc)
+                return
             self.stats.acked += len(seqs)
 
     def _pump(self, client: paho.Client) -> None:
@@ -223,7 +250,13 @@ class MQTTLink:
             batch = self.outbox.pending(room, self._published_up_to)
             for message in batch:
                 topic = f"{self.topic_base}/{message.topic_suffix}"
-                info = client.publish(topic, message.payload, qos=1)
+                try:
+                    info = client.publish(topic, message.payload, qos=1)
+                except ValueError as exc:  # paho: a topic or payload MQTT cannot carry
+                    self.outbox.set_aside(message.seq, str(exc))
+                    self.stats.set_aside += 1
+                    self._published_up_to = message.seq
+                    continue
                 if info.rc != paho.MQTT_ERR_SUCCESS:
                     break
                 self._inflight[info.mid] = message.seq

@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('last_seq', 0), ('dropped', 0);
+CREATE TABLE IF NOT EXISTS set_aside (
+    seq INTEGER PRIMARY KEY,
+    topic_suffix TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL,
+    reason TEXT NOT NULL,
+    set_aside_at REAL NOT NULL
+);
 """
 
 DropPolicy = Literal["oldest", "newest"]
@@ -175,6 +183,28 @@ class Outbox:
             self._db.execute("COMMIT")
             self._depth -= removed
         return removed
+
+    def set_aside(self, seq: int, reason: str) -> bool:
+        """Move a message MQTT cannot carry out of the queue, kept with the reason.
+
+        It no longer blocks the messages behind it, and it is not lost: the
+        ``set_aside`` table keeps it for an operator. Returns whether it was queued.
+        """
+        with self._lock, self._transaction():
+            moved = self._db.execute(
+                "INSERT INTO set_aside SELECT seq, topic_suffix, payload, created, ?, ? "
+                "FROM messages WHERE seq = ?", (reason, time.time(), seq)).rowcount
+            self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+            self._db.execute("COMMIT")
+            self._depth -= moved
+        if moved:
+            log.error("outbox: message seq %d set aside: %s", seq, reason)
+        return bool(moved)
+
+    def set_aside_count(self) -> int:
+        """Messages set aside because MQTT could not carry them."""
+        with self._lock:
+            return self._scalar("SELECT count(*) FROM set_aside")
 
     def depth(self) -> int:
         """Messages waiting for a PUBACK."""
