@@ -193,6 +193,9 @@ def test_the_provisioned_agent_starts_ready_and_its_telemetry_arrives(device: De
     device.box.sh("systemctl", "start", UNIT)  # Type=notify: returns once READY=1 arrived
     state = device.record("systemctl start", ("Started", "enrolled", "connected"))
     assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+    journal = device.box.journal(UNIT)
+    # the factory's modes are the unit's: no permission error, no mode warning (systemd 257)
+    assert "Permission denied" not in journal and "mode is different" not in journal, journal
     assert device.delivered(device.publish(3, "start"))
     device.lines.append(f"   monitor: {len(device.monitor.seqs(DEVICE))} message(s) from "
                         f"{DEVICE}")
