@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,12 @@ from .lifecycle import (
     Action,
     RenewalPolicy,
     State,
+    SwitchVerdict,
     Validity,
     clock_plausible,
     decide,
     full_jitter,
+    judge_switch,
     renewal_time,
 )
 from .localapi import LocalAPI
@@ -58,6 +61,17 @@ DRAIN_SECONDS = 5.0
 def _key_fingerprint(certificate: x509.Certificate) -> str:
     der = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+EXPIRY_RECHECK = 600.0  # seconds before the EST server's clock is asked again
+
+
+@dataclass(frozen=True)
+class ExpiryCheck:
+    """The EST server's time, asked because the broker said our certificate had expired."""
+
+    serial: int
+    server_now: dt.datetime
 
 
 def raise_file_limit(wanted: int = 8192) -> None:
@@ -89,6 +103,8 @@ class Agent:
         self._results: queue.Queue[tuple[str, object]] = queue.Queue()
         self._clock_offset: dt.timedelta | None = None
         self._bootstrap_fallback = False
+        self._renew_instead = False  # the recovery listener said "not expired"
+        self._expiry_verdict: tuple[int, bool, float] | None = None  # serial, expired, when
         self._retry_at = 0.0
         self._failures = 0
         self._switch_deadline: float | None = None
@@ -154,8 +170,7 @@ class Agent:
             if self.store.previous() is not None:
                 self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
             return
-        self.state = State.ENROLLING
-        self._spawn(lambda: self.enroller.enroll(), "enroll")
+        self.state = State.ENROLLING  # the loop enrolls once it has judged the clock
 
     def _shutdown(self, api: LocalAPI | None) -> None:
         self.notifier.stopping()
@@ -222,6 +237,9 @@ class Agent:
         except queue.Empty:
             return
         self._worker = None
+        if isinstance(result, ExpiryCheck):
+            self._judge_expiry(result)
+            return
         if isinstance(result, dt.datetime):
             self._clock_offset = result - dt.datetime.now(dt.UTC)
             log.warning("local clock is off by %s; using the EST server's time",
@@ -233,15 +251,24 @@ class Agent:
             self._failures = 0
             if name in ("recovery", "bootstrap"):
                 log.info("recovered through %s", name)
-            self._bootstrap_fallback = False
+            self._bootstrap_fallback = self._renew_instead = False
             self.store.activate(result)
             self._use(result)
             self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
             return
-        if name == "recovery" and isinstance(result, ESTError) and result.status in (401, 403):
-            self._bootstrap_fallback = True  # past the grace window: the bootstrap path decides
+        if name == "recovery" and isinstance(result, ESTError) and result.status == 401:
+            # the listener does not take this certificate (it says: not expired): renew it
+            self._renew_instead = True
             self._retry_at = 0.0
             self._error(f"recovery refused ({result.reason or result}); "
+                        "renewing on simplereenroll instead")
+            return
+        if (name == "recovery" or (name == "renew" and self._renew_instead)) and \
+                isinstance(result, ESTError) and result.status in (401, 403):
+            self._bootstrap_fallback = True  # past the grace window: the bootstrap path decides
+            self._renew_instead = False
+            self._retry_at = 0.0
+            self._error(f"{name} refused ({result.reason or result}); "
                         "falling back to the bootstrap certificate")
             return
         self._failures += 1
@@ -278,17 +305,33 @@ class Agent:
     def _confirm_or_roll_back(self) -> None:
         if self._switch_deadline is None or self.link is None:
             return
-        if self.link.connected.is_set():
+        previous = self.store.previous()
+        verdict = judge_switch(self.link.connected.is_set(), self.link.credential_refusal,
+                               previous is not None and self._still_valid(previous))
+        number = self.generation.number if self.generation else -1
+        if verdict is SwitchVerdict.CONFIRMED:
             self._switch_deadline = None
             self.store.commit()
-            log.info("credential generation %d confirmed by the broker", self.generation.number
-                     if self.generation else -1)
-        elif time.monotonic() > self._switch_deadline:
+            log.info("credential generation %d confirmed by the broker", number)
+        elif verdict is SwitchVerdict.ROLL_BACK:
             self._switch_deadline = None
-            if self.store.previous() is None:
-                return
-            self._error("new credential did not reach the broker; rolling back")
+            self._error(f"the broker refused credential generation {number} "
+                        f"({self.link.credential_refusal}); rolling back")
             self._use(self.store.rollback())
+        elif verdict is SwitchVerdict.STAY:
+            self._switch_deadline = None
+            self._error(f"the broker refused credential generation {number} "
+                        f"({self.link.credential_refusal}) and no valid one precedes it")
+        elif time.monotonic() > self._switch_deadline:
+            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
+            self._error(f"credential generation {number} not confirmed yet, the broker is away "
+                        f"({self.link.stats.last_error or 'no answer'}); keeping it")
+
+    def _still_valid(self, generation: Generation) -> bool:
+        try:
+            return self._now() < generation.certificate().not_valid_after_utc
+        except IdentityError:
+            return False
 
     def _now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC) + (self._clock_offset or dt.timedelta())
@@ -309,6 +352,13 @@ class Agent:
             return
         system_ok = self._system_clock_ok()
         self.enroller.check_time = system_ok
+        if system_ok and self._clock_offset is not None:
+            log.warning("the system clock is plausible again; no longer using the EST "
+                        "server's time (it was %s off)", self._clock_offset)
+            self._clock_offset = None
+            if self.generation is not None:
+                self._use(self.generation)  # TLS date checks back on
+            return
         if not system_ok and self._clock_offset is None:
             self._spawn(self.enroller.server_time, "clock")
             return
@@ -321,11 +371,24 @@ class Agent:
         action = decide(validity, self._now(), self._policy(),
                         jitter_draw(self._certificate.serial_number))
         if action is Action.NONE and self._peer_says_expired():
-            action = Action.RECOVER
+            serial = self._certificate.serial_number
+            verdict = self._expiry_verdict
+            if verdict is None or verdict[0] != serial or \
+                    time.monotonic() - verdict[2] > EXPIRY_RECHECK:
+                # our clock says valid, the broker says expired: ask the EST server's clock
+                self._spawn(lambda: ExpiryCheck(serial, self.enroller.server_time()),
+                            "expiry-check")
+                return
+            if verdict[1]:
+                action = Action.RECOVER
         if self.renew_requested.is_set():
             self.renew_requested.clear()
             action = Action.RENEW if action is Action.NONE else action
         if action is Action.RENEW:
+            self.state = State.RENEWING
+            current = self.generation
+            self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
+        elif action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:
             self.state = State.RENEWING
             current = self.generation
             self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
@@ -336,6 +399,19 @@ class Agent:
                 self._spawn(lambda: self.enroller.recover(expired, attempts=1), "recovery")
             else:
                 self._spawn(lambda: self.enroller.enroll(attempts=1), "bootstrap")
+
+    def _judge_expiry(self, check: ExpiryCheck) -> None:
+        """The broker's "certificate expired" against the EST server's clock."""
+        cert = self._certificate
+        if check.serial != cert.serial_number:
+            return  # asked about a certificate we no longer use
+        expired = check.server_now >= cert.not_valid_after_utc
+        self._expiry_verdict = (check.serial, expired, time.monotonic())
+        if not expired:
+            self._error(f"the broker reports our certificate expired, but it is valid until "
+                        f"{cert.not_valid_after_utc.isoformat()} by the EST server's clock too "
+                        f"({check.server_now.isoformat()}): the broker's CRL may have expired; "
+                        "not recovering")
 
     def _policy(self) -> RenewalPolicy:
         return RenewalPolicy(self.config.renewal.fraction, self.config.renewal.jitter)

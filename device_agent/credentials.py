@@ -6,12 +6,18 @@
         gen-000001/key.tss, cert.pem     one generation: TPM key blob (0600) and certificate
         gen-000002/...
         current  -> gen-000002           what the agent uses
-        previous -> gen-000001           kept until the new generation has reached the broker
+        previous -> gen-000001           the way back until the new one has reached the broker
+        failed-gen-000003-<time>/        refused by the broker, set aside
+        broken-gen-000004-<time>/        unreadable, set aside
 
 A generation is written in full (files fsynced) before any link points at it;
 a link is switched by renaming a fresh symlink over it, then the directory is
 fsynced. A crash at any point leaves ``current`` naming a complete generation,
-and :meth:`CredentialStore.repair` removes what a crash left half-done.
+and :meth:`CredentialStore.repair` rolls forward to the newest complete one.
+
+Like certbot's archive, no decision deletes a generation: one that failed is
+renamed aside, and only :meth:`CredentialStore.prune` removes the oldest beyond
+a count, with a log line for each.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _GENERATION = re.compile(r"gen-(\d{6})")
+KEEP_GENERATIONS = 5  # besides current and previous
+KEEP_ASIDE = 10  # failed, broken and incomplete generations
 
 
 @dataclass(frozen=True)
@@ -130,31 +138,34 @@ class CredentialStore:
         self._point("current", generation)
 
     def commit(self) -> None:
-        """The current generation reached the broker: forget the previous one."""
-        previous = self.previous()
+        """The current generation reached the broker: no way back is needed any more."""
         self._point("previous", None)
-        if previous is not None and previous != self.current():
-            shutil.rmtree(previous.directory, ignore_errors=True)
+        self.prune()
 
     def rollback(self) -> Generation:
-        """The current generation could not connect: go back to the previous one."""
+        """The broker refused the current generation: back to the previous, the refused one
+        kept aside."""
         previous, failed = self.previous(), self.current()
         if previous is None or not previous.complete():
             raise CredentialError("no previous generation to roll back to")
         self._point("current", previous)
         self._point("previous", None)
         if failed is not None and failed != previous:
-            shutil.rmtree(failed.directory, ignore_errors=True)
+            self.set_aside(failed, "failed")
         return previous
 
-    def quarantine(self, generation: Generation) -> Path:
-        """Set an unusable generation aside, kept for inspection; fall back to the previous.
-
-        Renamed out of the ``gen-`` namespace so :meth:`repair` never deletes it.
-        """
-        kept = self.root / f"broken-{generation.directory.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-        previous = self.previous()
+    def set_aside(self, generation: Generation, kind: str) -> Path:
+        """Rename a generation out of the ``gen-`` namespace; kept for inspection."""
+        kept = self.root / f"{kind}-{generation.directory.name}-{time.strftime('%Y%m%dT%H%M%S')}"
         os.replace(generation.directory, kept)
+        fsync_dir(self.root)
+        log.warning("credential generation %d set aside as %s", generation.number, kept.name)
+        return kept
+
+    def quarantine(self, generation: Generation) -> Path:
+        """Set an unusable generation aside, kept for inspection; fall back to the previous."""
+        previous = self.previous()
+        kept = self.set_aside(generation, "broken")
         if self.current() == generation:
             usable = previous if previous is not None and previous.complete() else None
             self._point("current", usable)
@@ -163,28 +174,55 @@ class CredentialStore:
         fsync_dir(self.root)
         return kept
 
+    def prune(self) -> None:
+        """Remove the oldest generations beyond the counts kept, saying so for each."""
+        linked = {g.number for g in (self.current(), self.previous()) if g is not None}
+        spare = [g for g in self._generations() if g.number not in linked]
+        for generation in spare[:max(0, len(spare) - KEEP_GENERATIONS)]:
+            log.info("pruning credential generation %d (keeping the newest %d)",
+                     generation.number, KEEP_GENERATIONS)
+            shutil.rmtree(generation.directory, ignore_errors=True)
+        aside = sorted((p for p in self.root.iterdir()
+                        if p.is_dir() and not _GENERATION.fullmatch(p.name)),
+                       key=lambda p: p.stat().st_mtime)
+        for path in aside[:max(0, len(aside) - KEEP_ASIDE)]:
+            log.info("pruning %s (keeping the newest %d set aside)", path.name, KEEP_ASIDE)
+            shutil.rmtree(path, ignore_errors=True)
+
     def repair(self) -> Generation | None:
-        """Finish or undo what a crash interrupted; returns the usable current generation."""
+        """Finish what a crash interrupted: roll forward to the newest complete generation.
+
+        A generation staged but not made current (a crash between the two) holds the
+        certificate the EST server issued last, so it becomes current, with the old one
+        as previous until the broker confirms it. Incomplete generations are set aside.
+        """
         if not self.root.is_dir():
             return None
         for stale in (self.root / ".current.tmp", self.root / ".previous.tmp"):
             if stale.is_symlink():
                 stale.unlink()
-        current = self.current()
-        if current is not None and not current.complete():
-            log.warning("current credential generation %d is incomplete", current.number)
-            previous = self.previous()
-            if previous is not None and previous.complete():
-                self._point("current", previous)
-                self._point("previous", None)
-                current = previous
-            else:
-                self._point("current", None)
-                current = None
-        keep = {g.number for g in (current, self.previous()) if g is not None}
+        current, previous = self.current(), self.previous()
         for generation in self._generations():
-            if generation.number not in keep:
-                log.info("removing unused credential generation %d", generation.number)
-                shutil.rmtree(generation.directory, ignore_errors=True)
+            if not generation.complete():
+                log.warning("credential generation %d is incomplete", generation.number)
+                self.set_aside(generation, "incomplete")
+        complete = self._generations()
+        if current is not None and not current.complete():
+            current = None
+            self._point("current", None)
+        if previous is not None and not previous.complete():
+            previous = None
+            self._point("previous", None)
+        newest = complete[-1] if complete else None
+        if newest is not None and (current is None or newest.number > current.number):
+            if current is None:
+                fallback = previous if previous is not None and previous != newest else None
+                self._point("current", newest)
+                self._point("previous", fallback)
+            else:
+                log.warning("rolling forward to credential generation %d (staged before a "
+                            "crash)", newest.number)
+                self.activate(newest)
+        self.prune()
         fsync_dir(self.root)
-        return current
+        return self.current()

@@ -20,13 +20,14 @@ from pathlib import Path
 import tenacity
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .errors import ESTError
 from .est import ESTClient, ESTReply
-from .keystore import Key, KeyStore
+from .identity import device_uri
+from .keystore import KeyStore
 from .lifecycle import full_jitter
 from .tls import NO_CHECK_TIME, client_context, releasing
 from .tpm import build_csr
@@ -69,7 +70,8 @@ class Enroller:
     def renew(self, current: Generation, attempts: int | None = None) -> Generation:
         """Before expiry: authenticate with the current operational credential."""
         with self._client(self.config.est.url, current.cert_path, current.key_path) as est:
-            return self._obtain(est, ESTClient.simplereenroll, "simplereenroll", attempts)
+            return self._obtain(est, ESTClient.simplereenroll, "simplereenroll", attempts,
+                                current.certificate())
 
     def recover(self, expired: Generation, attempts: int | None = None) -> Generation:
         """After expiry: the expired operational credential, on the recovery listener."""
@@ -77,7 +79,8 @@ class Enroller:
         if url is None:
             raise ESTError("no [est] recovery_url configured", 403, "no recovery listener")
         with self._client(url, expired.cert_path, expired.key_path) as est:
-            return self._obtain(est, ESTClient.recovery_reenroll, "recovery", attempts)
+            return self._obtain(est, ESTClient.recovery_reenroll, "recovery", attempts,
+                                expired.certificate())
 
     def server_time(self) -> datetime:
         """The EST server's clock, fetched without trusting our own for the TLS dates."""
@@ -86,13 +89,14 @@ class Enroller:
             return est.server_time()
 
     def _obtain(self, client: ESTClient, call: EnrollCall, name: str,
-                attempts: int | None) -> Generation:
+                attempts: int | None, renewing: x509.Certificate | None = None) -> Generation:
         blob = self.tpm.create_key()
         with self.tpm.loaded(blob) as key:
-            csr = build_csr(key, self.config.device.id)
+            csr = build_csr(key, self.config.device.id, renewing)
         reply = self._retrying(lambda: call(client, csr), name, attempts)
         self.last_server_date = reply.server_date
-        certificate = self._check(reply, blob)
+        certificate = check_issued(reply.certificates[0], self.config.device.id,
+                                   blob.public_key())
         generation = self.store.stage(blob, _pem(reply.certificates))
         log.info("%s: certificate %x valid until %s staged as generation %d", name,
                  certificate.serial_number, certificate.not_valid_after_utc, generation.number)
@@ -121,16 +125,30 @@ class Enroller:
         )
         return retrying(call)
 
-    def _check(self, reply: ESTReply, blob: Key) -> x509.Certificate:
-        """The first certificate must be ours: our name and the key the TPM just made."""
-        certificate = reply.certificates[0]
-        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if not names or names[0].value != self.config.device.id:
-            raise ESTError(f"EST server issued a certificate for {certificate.subject}, "
-                           f"not {self.config.device.id}", 200)
-        if certificate.public_key() != blob.public_key():
-            raise ESTError("EST server issued a certificate for another key", 200)
-        return certificate
+def check_issued(certificate: x509.Certificate, device_id: str,
+                 public_key: object) -> x509.Certificate:
+    """Before staging: our name, our URI SAN, client authentication, the key just made."""
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != device_id:
+        raise ESTError(f"EST server issued a certificate for {certificate.subject}, "
+                       f"not {device_id}", 200)
+    try:
+        sans = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        sans = []
+    if sans != [device_uri(device_id)]:
+        raise ESTError(f"EST server issued a certificate with subjectAltName {sans}, "
+                       f"not {device_uri(device_id)}", 200)
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = x509.ExtendedKeyUsage([])
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise ESTError("EST server issued a certificate without clientAuth", 200)
+    if certificate.public_key() != public_key:
+        raise ESTError("EST server issued a certificate for another key", 200)
+    return certificate
 
 
 def _pem(certificates: tuple[x509.Certificate, ...]) -> bytes:

@@ -92,3 +92,26 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     ceiling = min(cap, base * (2 ** min(attempt, 30)))
     return (rng or random).uniform(0, ceiling)
+
+
+class SwitchVerdict(enum.Enum):
+    """What to do with a new credential generation the broker has not confirmed yet."""
+
+    CONFIRMED = "confirmed"  # the broker admitted it: forget the way back
+    WAIT = "wait"  # the broker is slow, busy or away: keep the new credential, keep trying
+    ROLL_BACK = "roll-back"  # the broker refused this credential; the previous is valid
+    STAY = "stay"  # refused, and nothing valid to go back to: keep it, report
+
+
+def judge_switch(connected: bool, refusal: str | None, previous_valid: bool) -> SwitchVerdict:
+    """Roll back only when the broker refused the new credential itself, never on time alone.
+
+    A broker outage across a rotation used to roll back after 60 s and delete the new
+    credential; the device then renewed again, recovered, re-enrolled: four certificates
+    for one outage. Going back is only worth it to a previous credential still valid.
+    """
+    if connected:
+        return SwitchVerdict.CONFIRMED
+    if refusal is None:
+        return SwitchVerdict.WAIT
+    return SwitchVerdict.ROLL_BACK if previous_valid else SwitchVerdict.STAY

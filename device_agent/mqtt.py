@@ -40,6 +40,16 @@ BUSY_REASONS = {"Server busy", "Server unavailable", "Quota exceeded",
 MOVED_REASONS = {"Use another server", "Server moved"}
 REFUSED_REASONS = {"Not authorized", "Bad user name or password", "Banned",
                    "Client identifier not valid"}
+# TLS alerts by which the broker refuses our certificate itself (OpenSSL's reason codes,
+# the same on 3.0 and 3.5). "certificate expired" is not among them: Mosquitto sends it
+# for its own expired CRL too, and expiry is the lifecycle's to judge.
+CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REVOKED", "ALERT_UNKNOWN_CA",
+                      "ALERT_CERTIFICATE_UNKNOWN", "ALERT_UNSUPPORTED_CERTIFICATE")
+
+
+def certificate_alert(error: str) -> str | None:
+    """The alert in a TLS error by which the peer refused our certificate, if any."""
+    return next((alert for alert in CERTIFICATE_ALERTS if alert in error.upper()), None)
 
 
 class OutboxLike(Protocol):
@@ -90,6 +100,7 @@ class MQTTLink:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.stats = LinkStats()
         self.connected = threading.Event()
+        self.credential_refusal: str | None = None  # why the broker refused our credential
         self._stop = threading.Event()
         self._hold_delay: float | None = None
         self._admitted = False
@@ -175,6 +186,7 @@ class MQTTLink:
                                properties=properties)
         except (OSError, ssl.SSLError) as exc:
             self.stats.connect_failures += 1
+            self.credential_refusal = certificate_alert(str(exc)) or self.credential_refusal
             self.stats.error(f"connect to {self.host}:{self.port} failed: {exc}")
             log.warning("MQTT connect to %s:%d failed: %s", self.host, self.port, exc)
             return False, None
@@ -206,6 +218,9 @@ class MQTTLink:
                 client.disconnect()
         if not self._admitted and not self._stop.is_set():
             self.stats.connect_failures += 1
+            alert = certificate_alert(self._socket_error)
+            if alert is not None:
+                self.credential_refusal = alert
             if self._hold_delay is None:
                 reason = self._socket_error or "connection closed before CONNACK"
                 self.stats.error(f"broker did not admit us: {reason}")
@@ -289,10 +304,13 @@ class MQTTLink:
                 self._hold_delay = 1.0
             else:
                 self._hold_delay = 10.0
-                if name in REFUSED_REASONS and self.on_refused:
-                    self.on_refused(name)
+                if name in REFUSED_REASONS:
+                    self.credential_refusal = name
+                    if self.on_refused:
+                        self.on_refused(name)
             return
         self._admitted = True
+        self.credential_refusal = None
         self.stats.connects += 1
         self.stats.connected_since = time.time()
         client.publish(f"{self.topic_base}/status", self._status_payload("online"), qos=1,

@@ -392,19 +392,23 @@ def _open_error(tcti: str, exc: TSS2_Exception) -> TPMError:
     return TPMUnreachableError(f"no TPM reachable on TCTI {tcti!r}: {exc}", int(exc.rc))
 
 
-def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> x509.CertificateSigningRequest:
+def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str,
+              renewing: x509.Certificate | None = None) -> x509.CertificateSigningRequest:
     """A PKCS#10 request naming the device (CN and URI SAN), signed by ``key``.
 
     With a key from :meth:`TPM.loaded` the signature is made inside the TPM and
-    is the proof of possession the CA checks.
+    is the proof of possession the CA checks. A renewal copies subject and
+    subjectAltName from the certificate being renewed (RFC 7030, 4.2.2).
     """
     validate_device_id(device_id)
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))]),
-            critical=False,
-        )
-    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    names = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))])
+    if renewing is not None:
+        subject = renewing.subject
+        try:
+            names = renewing.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            pass
+    builder = (x509.CertificateSigningRequestBuilder().subject_name(subject)
+               .add_extension(names, critical=False))
     return builder.sign(key, hashes.SHA256())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from device_agent.credentials import CredentialStore
+from device_agent.credentials import KEEP_GENERATIONS, CredentialStore
 from device_agent.errors import CredentialError
 from device_agent.tpm import KeyBlob
 
@@ -40,12 +41,12 @@ def test_new_generation_keeps_the_previous_until_commit(tmp_path: Path, blob: Ke
     assert (store.current(), store.previous()) == (second, first)
     store.commit()
     assert store.previous() is None
-    assert not first.directory.exists()
+    assert first.complete()  # no longer the way back, but not deleted
     assert store.current() == second
 
 
-def test_rollback_returns_to_the_previous_and_drops_the_failed(tmp_path: Path,
-                                                               blob: KeyBlob) -> None:
+def test_rollback_returns_to_the_previous_and_keeps_the_failed_aside(tmp_path: Path,
+                                                                     blob: KeyBlob) -> None:
     store = CredentialStore(tmp_path)
     first = store.stage(blob, b"cert-1")
     store.activate(first)
@@ -53,7 +54,9 @@ def test_rollback_returns_to_the_previous_and_drops_the_failed(tmp_path: Path,
     store.activate(second)
     assert store.rollback() == first
     assert store.current() == first and store.previous() is None
-    assert not second.directory.exists()
+    [kept] = [p for p in store.root.iterdir() if p.name.startswith("failed-gen-000002-")]
+    assert (kept / "cert.pem").read_bytes() == b"cert-2"
+    assert store.repair() == first  # set aside, never rolled forward to again
 
 
 def test_rollback_without_previous_is_refused(tmp_path: Path, blob: KeyBlob) -> None:
@@ -63,14 +66,41 @@ def test_rollback_without_previous_is_refused(tmp_path: Path, blob: KeyBlob) -> 
         store.rollback()
 
 
-def test_repair_removes_a_generation_staged_but_never_activated(tmp_path: Path,
-                                                                blob: KeyBlob) -> None:
+def test_repair_rolls_forward_to_a_generation_staged_but_never_activated(
+    tmp_path: Path, blob: KeyBlob,
+) -> None:
+    """Before: deleted, though it held the certificate the EST server issued last."""
     store = CredentialStore(tmp_path)
     first = store.stage(blob, b"cert-1")
     store.activate(first)
-    orphan = store.stage(blob, b"cert-2")  # crash before activate
-    assert store.repair() == first
-    assert not orphan.directory.exists()
+    staged = store.stage(blob, b"cert-2")  # crash before activate
+    assert store.repair() == staged
+    assert store.previous() == first  # until the broker confirms the new one
+
+
+def test_repair_sets_an_incomplete_generation_aside(tmp_path: Path, blob: KeyBlob) -> None:
+    store = CredentialStore(tmp_path)
+    first = store.stage(blob, b"cert-1")
+    store.activate(first)
+    half = store.stage(blob, b"cert-2")
+    half.key_path.unlink()  # crash while staging
+    assert store.repair() == first and store.previous() is None
+    assert [p.name[:len("incomplete-gen-000002-")] for p in store.root.iterdir()
+            if p.name.startswith("incomplete-")] == ["incomplete-gen-000002-"]
+
+
+def test_generations_are_pruned_only_by_count_and_said_so(
+    tmp_path: Path, blob: KeyBlob, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="device_agent.credentials")
+    store = CredentialStore(tmp_path)
+    for number in range(1, KEEP_GENERATIONS + 4):
+        store.activate(store.stage(blob, f"cert-{number}".encode()))
+        store.commit()
+    numbers = sorted(int(p.name[4:]) for p in store.root.glob("gen-*"))
+    total = KEEP_GENERATIONS + 3
+    assert numbers == list(range(total - KEEP_GENERATIONS, total + 1))
+    assert "pruning credential generation 1 " in caplog.text
 
 
 def test_repair_falls_back_when_current_is_incomplete(tmp_path: Path, blob: KeyBlob) -> None:

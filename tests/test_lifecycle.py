@@ -10,11 +10,14 @@ import pytest
 from device_agent.lifecycle import (
     Action,
     RenewalPolicy,
+    SwitchVerdict,
     Validity,
     decide,
     full_jitter,
+    judge_switch,
     renewal_time,
 )
+from device_agent.mqtt import certificate_alert
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 VALIDITY = Validity(START, START + dt.timedelta(days=30))
@@ -64,3 +67,38 @@ def test_full_jitter_stays_under_the_capped_exponential() -> None:
     assert all(0 <= w <= 60.0 for w in waits)
     assert max(full_jitter(2, 1.0, 60.0, rng) for _ in range(200)) <= 4.0
     assert len({round(w, 3) for w in waits}) > 500  # spread, not lockstep
+
+
+# --- switching to a new credential generation ---------------------------------------------
+
+@pytest.mark.parametrize(("connected", "refusal", "previous_valid", "verdict"), [
+    (True, None, True, SwitchVerdict.CONFIRMED),
+    (True, None, False, SwitchVerdict.CONFIRMED),
+    # the broker away, busy or slow: never a reason to go back
+    (False, None, True, SwitchVerdict.WAIT),
+    (False, None, False, SwitchVerdict.WAIT),
+    # the broker refused this credential itself
+    (False, "ALERT_CERTIFICATE_REVOKED", True, SwitchVerdict.ROLL_BACK),
+    (False, "Not authorized", True, SwitchVerdict.ROLL_BACK),
+    # ... but the one before it is expired (or gone): stay and report
+    (False, "ALERT_UNKNOWN_CA", False, SwitchVerdict.STAY),
+])
+def test_a_switch_rolls_back_only_when_the_new_credential_is_refused(
+    connected: bool, refusal: str | None, previous_valid: bool, verdict: SwitchVerdict,
+) -> None:
+    assert judge_switch(connected, refusal, previous_valid) is verdict
+
+
+@pytest.mark.parametrize(("error", "alert"), [
+    ("[SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert certificate revoked (_ssl.c:2580)",
+     "ALERT_CERTIFICATE_REVOKED"),
+    ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", "ALERT_UNKNOWN_CA"),
+    ("[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate", "ALERT_BAD_CERTIFICATE"),
+    # not about our credential: the broker's CRL expired, or the network
+    ("[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert certificate expired", None),
+    ("[Errno 111] Connection refused", None),
+    ("", None),
+])
+def test_only_alerts_about_our_certificate_count_as_a_refusal(error: str,
+                                                              alert: str | None) -> None:
+    assert certificate_alert(error) == alert
