@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _GENERATION = re.compile(r"gen-(\d{6})")
+_ASIDE = re.compile(r"[a-z]+-gen-(\d{6})-.*")
 KEEP_GENERATIONS = 5  # besides current and previous
-KEEP_ASIDE = 10  # failed, broken and incomplete generations
+KEEP_ASIDE = 10  # of each kind set aside: failed, broken, incomplete
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,19 @@ class CredentialStore:
                 found.append(Generation(int(match.group(1)), entry))
         return sorted(found, key=lambda g: g.number)
 
+    def _highest_number(self) -> int:
+        """The highest number ever used, aside generations included: never used twice."""
+        numbers = [0]
+        for entry in self.root.iterdir():
+            match = _GENERATION.fullmatch(entry.name) or _ASIDE.fullmatch(entry.name)
+            if match:
+                numbers.append(int(match.group(1)))
+        return max(numbers)
+
     def stage(self, key: Key, certificate_pem: bytes) -> Generation:
         """Write a new, complete generation that nothing points at yet."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        generations = self._generations()
-        number = (generations[-1].number if generations else 0) + 1
+        number = self._highest_number() + 1
         generation = Generation(number, self.root / f"gen-{number:06d}")
         generation.directory.mkdir(mode=0o700)
         key.write(generation.key_path)
@@ -156,7 +165,12 @@ class CredentialStore:
 
     def set_aside(self, generation: Generation, kind: str) -> Path:
         """Rename a generation out of the ``gen-`` namespace; kept for inspection."""
-        kept = self.root / f"{kind}-{generation.directory.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        kept = self.root / f"{kind}-{generation.directory.name}-{stamp}"
+        suffix = 1
+        while kept.exists():
+            suffix += 1
+            kept = self.root / f"{kind}-{generation.directory.name}-{stamp}.{suffix}"
         os.replace(generation.directory, kept)
         fsync_dir(self.root)
         log.warning("credential generation %d set aside as %s", generation.number, kept.name)
@@ -177,17 +191,20 @@ class CredentialStore:
     def prune(self) -> None:
         """Remove the oldest generations beyond the counts kept, saying so for each."""
         linked = {g.number for g in (self.current(), self.previous()) if g is not None}
-        spare = [g for g in self._generations() if g.number not in linked]
+        spare = [g for g in self._generations() if g.number not in linked and g.complete()]
         for generation in spare[:max(0, len(spare) - KEEP_GENERATIONS)]:
             log.info("pruning credential generation %d (keeping the newest %d)",
                      generation.number, KEEP_GENERATIONS)
             shutil.rmtree(generation.directory, ignore_errors=True)
-        aside = sorted((p for p in self.root.iterdir()
-                        if p.is_dir() and not _GENERATION.fullmatch(p.name)),
-                       key=lambda p: p.stat().st_mtime)
-        for path in aside[:max(0, len(aside) - KEEP_ASIDE)]:
-            log.info("pruning %s (keeping the newest %d set aside)", path.name, KEEP_ASIDE)
-            shutil.rmtree(path, ignore_errors=True)
+        by_kind: dict[str, list[Path]] = {}
+        for path in self.root.iterdir():
+            if _ASIDE.fullmatch(path.name) and path.is_dir():
+                by_kind.setdefault(path.name.split("-gen-")[0], []).append(path)
+        for kind, paths in by_kind.items():
+            paths.sort(key=lambda p: int(_ASIDE.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+            for path in paths[:max(0, len(paths) - KEEP_ASIDE)]:
+                log.info("pruning %s (keeping the newest %d %s)", path.name, KEEP_ASIDE, kind)
+                shutil.rmtree(path, ignore_errors=True)
 
     def repair(self) -> Generation | None:
         """Finish what a crash interrupted: roll forward to the newest complete generation.
