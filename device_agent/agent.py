@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .config import AgentConfig
 from .credentials import CredentialStore, Generation
 from .enroll import Enroller
-from .errors import ESTError, IdentityError, OutboxCorruptError, OutboxError
+from .errors import ConfigError, ESTError, IdentityError, OutboxCorruptError, OutboxError
 from .keystore import is_file_keystore, keystore_kind, open_keystore, read_key
 from .lifecycle import (
     Action,
@@ -63,6 +63,7 @@ def _key_fingerprint(certificate: x509.Certificate) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+RESTART_ONLY = ("device", "paths", "outbox", "api")  # a reload cannot apply these
 EXPIRY_RECHECK = 600.0  # seconds before the EST server's clock is asked again
 
 
@@ -117,8 +118,7 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         raise_file_limit()
-        state_dir = self.config.paths.state_dir
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir = self._usable_paths()
         if is_file_keystore(self.config.device.tcti):
             log.warning("SIMULATION ONLY: keys are software keys in plain files (%s), "
                         "not in a TPM; never use this on a real device", self.config.device.tcti)
@@ -136,6 +136,19 @@ class Agent:
             finally:
                 self._shutdown(api)
         return 0
+
+    def _usable_paths(self) -> Path:
+        """The state directory, made if missing; a path problem is a named, final error."""
+        paths, source = self.config.paths, self.config.source
+        if not paths.server_trust.is_file():
+            raise ConfigError(f"{source}: [paths] server_trust: {paths.server_trust} is not a "
+                              "readable file")
+        try:
+            paths.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{source}: [paths] state_dir: {paths.state_dir}: "
+                              f"{exc.strerror}") from exc
+        return paths.state_dir
 
     def _open_outbox(self) -> Outbox:
         path = self.config.paths.state_dir / "outbox.db"
@@ -423,10 +436,17 @@ class Agent:
         except IdentityError as exc:
             self._error(f"reload refused, keeping the running configuration: {exc}")
         else:
+            fixed = [name for name in RESTART_ONLY
+                     if getattr(config, name) != getattr(self.config, name)]
+            if fixed:
+                self._error("reload refused, keeping the running configuration: "
+                            f"{', '.join(f'[{n}]' for n in fixed)} change only with a restart")
+                self.notifier.ready()
+                return
             changed = config.mqtt != self.config.mqtt
             if config.mqtt.telemetry_interval != self.config.mqtt.telemetry_interval:
                 self._next.pop("telemetry", None)  # not on the old interval's schedule
-            self.config = config
+            self.config = self.enroller.config = config  # all of it, or (above) none
             log.info("configuration reloaded from %s", self.config_path)
             if changed and self.generation is not None:
                 self._use(self.generation)
