@@ -341,8 +341,10 @@ class Agent:
                         f"({self.link.stats.last_error or 'no answer'}); keeping it")
 
     def _still_valid(self, generation: Generation) -> bool:
+        """Complete, and not expired by our time: worth rolling back to."""
         try:
-            return self._now() < generation.certificate().not_valid_after_utc
+            return generation.complete() and \
+                self._now() < generation.certificate().not_valid_after_utc
         except IdentityError:
             return False
 
