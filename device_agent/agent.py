@@ -56,6 +56,7 @@ TICK = 0.2
 STATUS_EVERY = 2.0
 SWITCH_TIMEOUT = 60.0
 DRAIN_SECONDS = 5.0
+WORKER_GRACE = 5.0  # seconds a stopping agent waits for an EST exchange in flight
 
 
 def _key_fingerprint(certificate: x509.Certificate) -> str:
@@ -191,6 +192,11 @@ class Agent:
             api.close()
         if self.link is not None:
             self.link.stop(drain=DRAIN_SECONDS)
+        worker = self._worker
+        if worker is not None:  # the TPM closes after this: not under a renewal in flight
+            worker.join(WORKER_GRACE)
+            if worker.is_alive():
+                log.warning("%s still running at exit", worker.name)
         self._write_status()
         log.info("stopped; %d message(s) left in the outbox", self.outbox.depth())
 

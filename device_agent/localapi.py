@@ -170,10 +170,14 @@ class LocalAPI:
             await self._server.wait_closed()
 
         if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+            try:
+                asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+            except (TimeoutError, RuntimeError) as exc:  # a stop must never fail the agent
+                log.warning("local API did not close cleanly: %r", exc)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-        self._loop.close()
+        if not self._thread.is_alive():
+            self._loop.close()
         self._writers.shutdown(wait=True)
         self.path.unlink(missing_ok=True)
 

@@ -209,10 +209,11 @@ class TPM:
             raise _open_error(tcti, exc) from exc
 
     def close(self) -> None:
-        if self._ectx is not None:
-            self._ectx.close()
-            self._ectx = None
-            self._tcti.close()
+        with self.lock:  # never under an operation another thread has in flight
+            if self._ectx is not None:
+                self._ectx.close()
+                self._ectx = None
+                self._tcti.close()
 
     def __enter__(self) -> TPM:
         return self

@@ -88,7 +88,7 @@ def come_back(agent: AgentProcess, monitor: TelemetryMonitor) -> tuple[dict, flo
     first_delivery = time.monotonic() - started
     status = agent.wait_for(lambda s: (s.get("generation") or 0) >= 2 and s.get("connected"),
                             30, "recovery")
-    assert agent.stop() == 0
+    assert agent.stop() == 0, agent.log_text()[-3000:]
     final = agent.status()
     last = final["last_seq"]
     assert final["outbox_depth"] == 0
