@@ -405,11 +405,9 @@ class Agent:
         if self.renew_requested.is_set():
             self.renew_requested.clear()
             action = Action.RENEW if action is Action.NONE else action
+        if action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:
+            action = Action.RENEW  # the recovery listener said "not expired"
         if action is Action.RENEW:
-            self.state = State.RENEWING
-            current = self.generation
-            self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
-        elif action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:
             self.state = State.RENEWING
             current = self.generation
             self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")

@@ -137,12 +137,6 @@ def test_unsupported_address_is_ignored(caplog: pytest.LogCaptureFixture) -> Non
     assert "vsock" in caplog.text
 
 
-def shipped_unit(tmp_path: Path) -> Path:
-    target = tmp_path / UNIT
-    target.write_bytes(resources.files("device_agent").joinpath("data", UNIT).read_bytes())
-    return target
-
-
 def systemd_analyze() -> str:
     return require("systemd-analyze")
 
@@ -166,21 +160,7 @@ def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     The root holds the host's unit library (for the targets the unit names),
     /bin/kill, and a stand-in /usr/bin/device-agent; any warning fails the test.
     """
-    root = tmp_path / "root"
-    units = Path("/usr/lib/systemd/system")
-    shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/device-agent").write_text("#!/bin/sh\n")
-    (root / "usr/bin/device-agent").chmod(0o755)
-    (root / "bin").mkdir()
-    shutil.copy2(require("kill"), root / "bin/kill")
-    unit_dir = root / "etc/systemd/system"
-    unit_dir.mkdir(parents=True)
-    shipped_unit(unit_dir)
-    result = subprocess.run([systemd_analyze(), "verify", "--man=no", f"--root={root}",
-                             f"/etc/systemd/system/{UNIT}"],
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    verify_in_root(tmp_path / "root", "device_agent", (UNIT,), ("device-agent",))
 
 
 def test_unit_keeps_the_agreed_contract() -> None:
@@ -200,20 +180,27 @@ BACK_OFFICE_UNITS = ("est-server.service", "device-crl-refresh.service",
 
 def test_back_office_units_verify_cleanly(tmp_path: Path) -> None:
     """The server package's units, against a throwaway root like the agent's."""
-    root = tmp_path / "root"
+    verify_in_root(tmp_path / "root", "provisioning", BACK_OFFICE_UNITS,
+                   ("est-server", "device-pki", "broker-config"))
+
+
+def verify_in_root(root: Path, package: str, units: tuple[str, ...],
+                   commands: tuple[str, ...]) -> None:
+    """``systemd-analyze verify`` insists that Exec binaries exist: a throwaway root with the
+    host's unit library, /bin/kill and stand-ins for ``commands``; any output fails."""
     shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system",
                     symlinks=True)
     (root / "usr/bin").mkdir(parents=True)
-    for command in ("est-server", "device-pki", "broker-config"):
+    for command in commands:
         (root / "usr/bin" / command).write_text("#!/bin/sh\n")
         (root / "usr/bin" / command).chmod(0o755)
+    (root / "bin").mkdir()
+    shutil.copy2(require("kill"), root / "bin/kill")
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
-    for name in BACK_OFFICE_UNITS:
-        (unit_dir / name).write_bytes(
-            resources.files("provisioning").joinpath("data", name).read_bytes())
+    for name in units:
+        (unit_dir / name).write_bytes(resources.files(package).joinpath("data", name).read_bytes())
     result = subprocess.run([systemd_analyze(), "verify", "--man=no", f"--root={root}",
-                             *(f"/etc/systemd/system/{name}" for name in BACK_OFFICE_UNITS)],
+                             *(f"/etc/systemd/system/{name}" for name in units)],
                             capture_output=True, text=True, timeout=120, check=False)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
-
