@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +25,31 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .config import AgentConfig
+from .controller import (
+    Activate,
+    Clock,
+    Commit,
+    Controller,
+    Credential,
+    Decision,
+    Failed,
+    Issued,
+    LinkView,
+    Reconnect,
+    Refused,
+    Report,
+    Result,
+    RollBack,
+    Settings,
+    Start,
+    TimeTold,
+    Work,
+)
 from .credentials import CredentialStore, Generation
 from .enroll import Enroller
 from .errors import ConfigError, ESTError, IdentityError, OutboxCorruptError, OutboxError
 from .keystore import is_file_keystore, keystore_kind, open_keystore, read_key
-from .lifecycle import (
-    Action,
-    RenewalPolicy,
-    State,
-    SwitchVerdict,
-    Validity,
-    clock_plausible,
-    decide,
-    full_jitter,
-    judge_switch,
-    renewal_time,
-)
+from .lifecycle import RenewalPolicy, clock_plausible
 from .localapi import LocalAPI
 from .metrics import system_metrics
 from .mqtt import MQTTLink
@@ -68,14 +76,6 @@ RESTART_ONLY = ("device", "paths", "outbox", "api")  # a reload cannot apply the
 EXPIRY_RECHECK = 600.0  # seconds before the EST server's clock is asked again
 
 
-@dataclass(frozen=True)
-class ExpiryCheck:
-    """The EST server's time, asked because the broker said our certificate had expired."""
-
-    serial: int
-    server_now: dt.datetime
-
-
 def raise_file_limit(wanted: int = 8192) -> None:
     """Room for the local API's clients: systemd's default soft limit is 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -84,9 +84,17 @@ def raise_file_limit(wanted: int = 8192) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def jitter_draw(serial: int) -> float:
-    """A per-certificate draw in [0, 1): stable across restarts, spread across a fleet."""
-    return (serial % 10_007) / 10_007
+def settings_of(config: AgentConfig) -> Settings:
+    return Settings(policy=RenewalPolicy(config.renewal.fraction, config.renewal.jitter),
+                    retry_max=config.renewal.retry_max,
+                    has_recovery_listener=bool(config.est.recovery_url),
+                    switch_timeout=SWITCH_TIMEOUT, expiry_recheck=EXPIRY_RECHECK)
+
+
+def credential_of(generation: Generation, via: Work | None = None) -> Credential:
+    cert = generation.certificate()
+    return Credential(generation.number, cert.serial_number, cert.not_valid_before_utc,
+                      cert.not_valid_after_utc, via)
 
 
 class Agent:
@@ -96,20 +104,16 @@ class Agent:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.renew_requested = threading.Event()
-        self.state = State.BOOTSTRAPPED
+        self.controller = Controller(settings_of(self.config), Clock(
+            lambda: dt.datetime.now(dt.UTC),
+            lambda: time.clock_gettime(time.CLOCK_BOOTTIME)))  # counts a suspend, too
         self.errors: collections.deque[str] = collections.deque(maxlen=10)
         self.notifier = Notifier()
         self.link: MQTTLink | None = None
         self.generation: Generation | None = None
         self._worker: threading.Thread | None = None
-        self._results: queue.Queue[tuple[str, object]] = queue.Queue()
-        self._clock_offset: dt.timedelta | None = None
-        self._bootstrap_fallback = False
-        self._renew_instead = False  # the recovery listener said "not expired"
-        self._expiry_verdict: tuple[int, bool, float] | None = None  # serial, expired, when
-        self._retry_at = 0.0
-        self._failures = 0
-        self._switch_deadline: float | None = None
+        self._results: queue.Queue[Result] = queue.Queue()
+        self._staged: dict[int, Generation] = {}  # issued, not yet made current
         self._next: dict[str, float] = {}
 
     # --- running ---------------------------------------------------------------------
@@ -181,10 +185,11 @@ class Agent:
                             f"kept as {kept.name}")
                 current = self.store.current()
                 continue
-            if self.store.previous() is not None:
-                self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
-            return
-        self.state = State.ENROLLING  # the loop enrolls once it has judged the clock
+            break
+        previous = self.store.previous() if current is not None else None
+        self._carry_out(self.controller.start(
+            credential_of(current) if current else None,
+            credential_of(previous) if previous is not None and previous.complete() else None))
 
     def _shutdown(self, api: LocalAPI | None) -> None:
         self.notifier.stopping()
@@ -214,11 +219,13 @@ class Agent:
 
     def _tick(self) -> None:
         self._collect_worker()
-        self._confirm_or_roll_back()
         if self.reload_requested.is_set():
             self.reload_requested.clear()
             self._reload()
-        self._consider_renewal()
+        if self.renew_requested.is_set():
+            self.renew_requested.clear()
+            self.controller.request_renewal()
+        self._carry_out(self.controller.tick(self._link_view()))
         interval = self.config.mqtt.telemetry_interval
         if interval and self.generation is not None and self._due("telemetry", interval):
             self._store_telemetry()
@@ -240,63 +247,85 @@ class Agent:
         if self._due(f"error:{kind}", 60.0):
             self._error(message)
 
-    def _spawn(self, work: Callable[[], object], name: str) -> None:
+    def _link_view(self) -> LinkView:
+        link = self.link
+        if link is None:
+            return LinkView()
+        error = link.stats.last_error
+        return LinkView(connected=link.connected.is_set(), refusal=link.credential_refusal,
+                        peer_says_expired="certificate expired" in error.lower(),
+                        last_error=error)
+
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        """The controller decided; this does it."""
+        self.enroller.check_time = self.controller.system_clock_ok
+        for decision in decisions:
+            if isinstance(decision, Report):
+                if decision.error:
+                    self._error(decision.message)
+                else:
+                    log.warning("%s", decision.message)
+            elif isinstance(decision, Start):
+                self._spawn(decision.work)
+            elif isinstance(decision, Activate):
+                generation = self._staged.pop(decision.credential.number)
+                self.store.activate(generation)
+                self._use(generation)
+            elif isinstance(decision, Commit):
+                self.store.commit()
+                log.info("credential generation %d confirmed by the broker",
+                         self.generation.number if self.generation else -1)
+            elif isinstance(decision, RollBack):
+                self._use(self.store.rollback())
+            elif isinstance(decision, Reconnect) and self.generation is not None:
+                self._use(self.generation)  # contexts built for the clock we now have
+
+    def _job(self, work: Work) -> Callable[[], object]:
+        current = self.generation
+        if work in (Work.RENEW, Work.RECOVER):
+            assert current is not None, "the controller renews only what it has"
+            if work is Work.RENEW:
+                return lambda: self.enroller.renew(current, attempts=1)
+            return lambda: self.enroller.recover(current, attempts=1)
+        if work is Work.ENROLL:
+            return lambda: self.enroller.enroll()
+        if work is Work.BOOTSTRAP:
+            return lambda: self.enroller.enroll(attempts=1)
+        return self.enroller.server_time  # CLOCK, EXPIRY_CHECK
+
+    def _spawn(self, work: Work) -> None:
+        job = self._job(work)
+
         def run() -> None:
             try:
-                self._results.put((name, work()))
+                self._results.put(self._outcome(work, job()))
+            except ESTError as exc:
+                self._results.put(
+                    Failed(work, str(exc), exc.retry_after) if exc.status is None
+                    else Refused(work, exc.status, exc.reason or str(exc), exc.retry_after))
+            except IdentityError as exc:
+                self._results.put(Failed(work, str(exc)))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
-                self._results.put((name, exc))
+                log.error("unexpected failure in %s", work.value, exc_info=exc)
+                self._results.put(Failed(work, repr(exc)))
 
-        self._worker = threading.Thread(target=run, name=name, daemon=True)
+        self._worker = threading.Thread(target=run, name=work.value, daemon=True)
         self._worker.start()
+
+    def _outcome(self, work: Work, value: object) -> Result:
+        if isinstance(value, Generation):
+            self._staged[value.number] = value
+            return Issued(work, credential_of(value, work))
+        assert value is None or isinstance(value, dt.datetime), value
+        return TimeTold(work, value)
 
     def _collect_worker(self) -> None:
         try:
-            name, result = self._results.get_nowait()
+            outcome = self._results.get_nowait()
         except queue.Empty:
             return
         self._worker = None
-        if isinstance(result, ExpiryCheck):
-            self._judge_expiry(result)
-            return
-        if isinstance(result, dt.datetime):
-            self._clock_offset = result - dt.datetime.now(dt.UTC)
-            log.warning("local clock is off by %s; using the EST server's time",
-                        self._clock_offset)
-            if self.generation is not None:
-                self._use(self.generation)  # contexts built for the clock we now have
-            return
-        if isinstance(result, Generation):
-            self._failures = 0
-            if name in ("recovery", "bootstrap"):
-                log.info("recovered through %s", name)
-            self._bootstrap_fallback = self._renew_instead = False
-            self.store.activate(result)
-            self._use(result)
-            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
-            return
-        if name == "recovery" and isinstance(result, ESTError) and result.status == 401:
-            # the listener does not take this certificate (it says: not expired): renew it
-            self._renew_instead = True
-            self._retry_at = 0.0
-            self._error(f"recovery refused ({result.reason or result}); "
-                        "renewing on simplereenroll instead")
-            return
-        if (name == "recovery" or (name == "renew" and self._renew_instead)) and \
-                isinstance(result, ESTError) and result.status in (401, 403):
-            self._bootstrap_fallback = True  # past the grace window: the bootstrap path decides
-            self._renew_instead = False
-            self._retry_at = 0.0
-            self._error(f"{name} refused ({result.reason or result}); "
-                        "falling back to the bootstrap certificate")
-            return
-        self._failures += 1
-        hint = getattr(result, "retry_after", None) or 0.0
-        delay = max(full_jitter(self._failures, 2.0, self.config.renewal.retry_max), hint)
-        self._retry_at = time.monotonic() + delay
-        self._error(f"{self.state.value} failed: {result}; next attempt in {delay:.0f}s")
-        if isinstance(result, BaseException) and not isinstance(result, IdentityError):
-            log.error("unexpected failure", exc_info=result)
+        self._carry_out(self.controller.result(outcome))
 
     def _use(self, generation: Generation) -> None:
         """Connect with ``generation``; the link of the previous one is closed first."""
@@ -319,121 +348,6 @@ class Agent:
             inflight=self.config.outbox.inflight, on_command=self.command,
             status=self._public_status,
         ).start()
-        self.state = State.OPERATIONAL
-
-    def _confirm_or_roll_back(self) -> None:
-        if self._switch_deadline is None or self.link is None:
-            return
-        previous = self.store.previous()
-        verdict = judge_switch(self.link.connected.is_set(), self.link.credential_refusal,
-                               previous is not None and self._still_valid(previous))
-        number = self.generation.number if self.generation else -1
-        if verdict is SwitchVerdict.CONFIRMED:
-            self._switch_deadline = None
-            self.store.commit()
-            log.info("credential generation %d confirmed by the broker", number)
-        elif verdict is SwitchVerdict.ROLL_BACK:
-            self._switch_deadline = None
-            self._error(f"the broker refused credential generation {number} "
-                        f"({self.link.credential_refusal}); rolling back")
-            self._use(self.store.rollback())
-        elif verdict is SwitchVerdict.STAY:
-            self._switch_deadline = None
-            self._error(f"the broker refused credential generation {number} "
-                        f"({self.link.credential_refusal}) and no valid one precedes it")
-        elif time.monotonic() > self._switch_deadline:
-            self._switch_deadline = time.monotonic() + SWITCH_TIMEOUT
-            self._error(f"credential generation {number} not confirmed yet, the broker is away "
-                        f"({self.link.stats.last_error or 'no answer'}); keeping it")
-
-    def _still_valid(self, generation: Generation) -> bool:
-        """Complete, and not expired by our time: worth rolling back to."""
-        try:
-            return generation.complete() and \
-                self._now() < generation.certificate().not_valid_after_utc
-        except IdentityError:
-            return False
-
-    def _now(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + (self._clock_offset or dt.timedelta())
-
-    def _system_clock_ok(self) -> bool:
-        """Whether the system clock (which OpenSSL also uses) can be believed."""
-        cert = getattr(self, "_certificate", None)
-        validity = Validity(cert.not_valid_before_utc, cert.not_valid_after_utc) if cert else None
-        return clock_plausible(dt.datetime.now(dt.UTC), validity)
-
-    def _peer_says_expired(self) -> bool:
-        link = self.link
-        return bool(link and not link.connected.is_set()
-                    and "certificate expired" in link.stats.last_error.lower())
-
-    def _consider_renewal(self) -> None:
-        if self._worker is not None or time.monotonic() < self._retry_at:
-            return
-        system_ok = self._system_clock_ok()
-        self.enroller.check_time = system_ok
-        if system_ok and self._clock_offset is not None:
-            log.warning("the system clock is plausible again; no longer using the EST "
-                        "server's time (it was %s off)", self._clock_offset)
-            self._clock_offset = None
-            if self.generation is not None:
-                self._use(self.generation)  # TLS date checks back on
-            return
-        if not system_ok and self._clock_offset is None:
-            self._spawn(self.enroller.server_time, "clock")
-            return
-        if self.generation is None:
-            if self.state is State.ENROLLING:
-                self._spawn(lambda: self.enroller.enroll(), "enroll")
-            return
-        validity = Validity(self._certificate.not_valid_before_utc,
-                            self._certificate.not_valid_after_utc)
-        action = decide(validity, self._now(), self._policy(),
-                        jitter_draw(self._certificate.serial_number))
-        if action is Action.NONE and self._peer_says_expired():
-            serial = self._certificate.serial_number
-            verdict = self._expiry_verdict
-            if verdict is None or verdict[0] != serial or \
-                    time.monotonic() - verdict[2] > EXPIRY_RECHECK:
-                # our clock says valid, the broker says expired: ask the EST server's clock
-                self._spawn(lambda: ExpiryCheck(serial, self.enroller.server_time()),
-                            "expiry-check")
-                return
-            if verdict[1]:
-                action = Action.RECOVER
-        if self.renew_requested.is_set():
-            self.renew_requested.clear()
-            action = Action.RENEW if action is Action.NONE else action
-        if action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:
-            action = Action.RENEW  # the recovery listener said "not expired"
-        if action is Action.RENEW:
-            self.state = State.RENEWING
-            current = self.generation
-            self._spawn(lambda: self.enroller.renew(current, attempts=1), "renew")
-        elif action is Action.RECOVER:
-            self.state = State.RECOVERING
-            expired = self.generation
-            if self.config.est.recovery_url and not self._bootstrap_fallback:
-                self._spawn(lambda: self.enroller.recover(expired, attempts=1), "recovery")
-            else:
-                self._spawn(lambda: self.enroller.enroll(attempts=1), "bootstrap")
-
-    def _judge_expiry(self, check: ExpiryCheck) -> None:
-        """The broker's "certificate expired" against the EST server's clock."""
-        cert = self._certificate
-        if check.serial != cert.serial_number:
-            return  # asked about a certificate we no longer use
-        expired = check.server_now >= cert.not_valid_after_utc
-        self._expiry_verdict = (check.serial, expired, time.monotonic())
-        if not expired:
-            self._error(f"the broker reports our certificate expired, but it is valid until "
-                        f"{cert.not_valid_after_utc.isoformat()} by the EST server's clock too "
-                        f"({check.server_now.isoformat()}): the broker's CRL may have expired; "
-                        "not recovering")
-
-    def _policy(self) -> RenewalPolicy:
-        return RenewalPolicy(self.config.renewal.fraction, self.config.renewal.jitter)
 
     def _reload(self) -> None:
         self.notifier.reloading()
@@ -453,6 +367,7 @@ class Agent:
             if config.mqtt.telemetry_interval != self.config.mqtt.telemetry_interval:
                 self._next.pop("telemetry", None)  # not on the old interval's schedule
             self.config = self.enroller.config = config  # all of it, or (above) none
+            self.controller.settings = settings_of(config)
             log.info("configuration reloaded from %s", self.config_path)
             if changed and self.generation is not None:
                 self._use(self.generation)
@@ -488,18 +403,17 @@ class Agent:
         cert = getattr(self, "_certificate", None)
         link = self.link
         provider = active_provider()
-        renew_at = None
-        if cert is not None:
-            renew_at = renewal_time(Validity(cert.not_valid_before_utc, cert.not_valid_after_utc),
-                                    self._policy(), jitter_draw(cert.serial_number)).isoformat()
+        controller = self.controller
+        renew_at = controller.renew_at()
         return {
             "device_id": self.config.device.id,
-            "state": self.state.value,
+            "state": controller.phase.value,
+            "why": controller.why,
             "generation": self.generation.number if self.generation else None,
             "cert_serial": f"{cert.serial_number:x}" if cert else None,
             "key_sha256": _key_fingerprint(cert) if cert else None,
             "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None,
-            "renew_at": renew_at,
+            "renew_at": renew_at.isoformat() if renew_at else None,
             "connected": bool(link and link.connected.is_set()),
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
             "link": link.stats.__dict__ if link else None,
@@ -509,8 +423,9 @@ class Agent:
             "last_seq": self.outbox.last_seq(),
             "keystore": keystore_kind(self.config.device.tcti),
             "tpm2_openssl": provider.version if provider else None,
-            "clock_offset_s": self._clock_offset.total_seconds()
-            if self._clock_offset is not None else None,
+            "time_source": controller.time_source.value,
+            "clock_offset_s": controller.offset.total_seconds()
+            if controller.offset is not None else None,
             "errors": list(self.errors),
         }
 

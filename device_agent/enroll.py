@@ -82,7 +82,7 @@ class Enroller:
             return self._obtain(est, ESTClient.recovery_reenroll, "recovery", attempts,
                                 expired.certificate())
 
-    def server_time(self) -> datetime:
+    def server_time(self) -> datetime | None:
         """The EST server's clock, fetched without trusting our own for the TLS dates."""
         with self._client(self.config.est.url, None, None) as est:
             est.context.verify_flags |= NO_CHECK_TIME  # type: ignore[assignment]

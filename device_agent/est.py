@@ -59,12 +59,9 @@ class ESTClient:
     def simplereenroll(self, csr: x509.CertificateSigningRequest) -> ESTReply:
         return self._call("POST", f"{WELL_KNOWN}/simplereenroll", csr)
 
-    def server_time(self) -> datetime:
-        """The server's clock (its ``Date`` header), read with a cacerts request."""
-        reply = self.cacerts()
-        if reply.server_date is None:
-            raise ESTError("EST server sent no Date header", 200)
-        return reply.server_date
+    def server_time(self) -> datetime | None:
+        """The server's clock (its ``Date`` header), read with a cacerts request; None: no Date."""
+        return self.cacerts().server_date
 
     def recovery_reenroll(self, csr: x509.CertificateSigningRequest) -> ESTReply:
         """Re-enroll with an expired operational certificate on the recovery listener."""

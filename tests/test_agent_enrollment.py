@@ -77,13 +77,12 @@ def test_est_refusal_is_reported_and_retried_with_backoff(
     with enrollment_server.registry() as registry:
         registry.set_state("refused-1", DeviceState.SUSPENDED, "test")
     with device as agent:
-        status = agent.wait_for(lambda s: any("403" in e for e in s.get("errors", [])), 30,
-                                "the refusal")
+        status = agent.wait_for(lambda s: s["state"] == "stranded", 30, "the refusal")
         time.sleep(6)
         assert agent.running()
         with enrollment_server.registry() as registry:
             attempts = [e for e in registry.audit_log("refused-1") if e.decision == "refused"]
-    assert status["generation"] is None
+    assert status["generation"] is None and "suspended" in status["why"]
     assert 1 <= len(attempts) <= 6  # backoff, not one attempt per loop turn
     credentials = device.config.paths.state_dir / "credentials"
     assert not credentials.exists() or not any(p.name.startswith("gen-")

@@ -23,7 +23,7 @@ from simulator.monitor import TelemetryMonitor
 from simulator.processes import SoftwareTPM
 
 from .conftest import ClientFiles, factory_device, rendered_broker
-from .est_support import ESTServer, running_est_server
+from .est_support import running_est_server
 
 pytestmark = pytest.mark.integration
 
