@@ -56,7 +56,7 @@ from .mqtt import MQTTLink
 from .outbox import Outbox
 from .status import write_status
 from .systemd import Notifier
-from .tls import active_provider, client_context, releasing
+from .tls import active_provider, bind_provider_tcti, client_context, releasing
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ class Agent:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         raise_file_limit()
         state_dir = self._usable_paths()
-        if is_file_keystore(self.config.device.tcti):
+        if not is_file_keystore(self.config.device.tcti):
+            bind_provider_tcti(self.config.device.tcti)  # before any thread starts
+        else:
             log.warning("SIMULATION ONLY: keys are software keys in plain files (%s), "
                         "not in a TPM; never use this on a real device", self.config.device.tcti)
         with open_keystore(self.config.device.tcti) as tpm, self._open_outbox() as outbox:

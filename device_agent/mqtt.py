@@ -129,7 +129,7 @@ class MQTTLink:
             with self._lock:
                 if not self._inflight and not self.outbox.pending(1, self._published_up_to):
                     break
-            time.sleep(0.05)
+            self._stop.wait(0.05)  # not time.sleep: EINVAL under libfaketime (issue #426)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(15)

@@ -116,6 +116,17 @@ def _provider_version(lib: ctypes.CDLL, provider: int) -> str:
     return value.value.decode()
 
 
+def bind_provider_tcti(tcti: str) -> None:
+    """Name the provider's TCTI in the environment; call on the main thread before others start.
+
+    Adding an environment variable reallocates the C environment and frees the old
+    array under any thread reading it (libfaketime and the TSS2 libraries call
+    ``getenv``): an agent segfaulted so at its first TLS connection, about one run in
+    twenty-five, when the variable was first set from its enrollment thread.
+    """
+    os.environ["TPM2OPENSSL_TCTI"] = tcti
+
+
 def enable_tpm_provider(tcti: str) -> ProviderInfo:
     """Make this process's OpenSSL able to use TSS2 key files on ``tcti``.
 
@@ -131,7 +142,8 @@ def enable_tpm_provider(tcti: str) -> ProviderInfo:
                     f"cannot also use {tcti!r}"
                 )
             return _active
-        os.environ["TPM2OPENSSL_TCTI"] = tcti
+        if os.environ.get("TPM2OPENSSL_TCTI") != tcti:
+            os.environ["TPM2OPENSSL_TCTI"] = tcti
         lib = _libcrypto()
         if not lib.OSSL_PROVIDER_load(None, b"default"):
             raise TLSSetupError(f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}")
