@@ -176,6 +176,9 @@ class Settings:
     switch_timeout: float = 60.0
     expiry_recheck: float = 600.0  # seconds before the EST server's clock is asked again
     refused_switches: int = 3  # per credential: then keep it until it expires
+    # Our EST server revokes a device's older certificates (superseded) on every issuance,
+    # renewals included: then there is no way back. False: a server that keeps them.
+    issuance_supersedes: bool = True
     clock_jump: float = 5.0  # seconds the wall clock may move against the monotonic one
 
 
@@ -333,6 +336,8 @@ class Controller:
         if self._renew_requested:
             self._renew_requested = False
             action = Action.RENEW if action is Action.NONE else action
+        if self._bootstrap_fallback:
+            action = Action.RECOVER  # the EST server disowned this credential: re-enroll now
         if action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:
             action = Action.RENEW  # the recovery listener said "not expired"
         if action is Action.RENEW:
@@ -422,9 +427,12 @@ class Controller:
             self._renew_instead = True
             self._retry_at = 0.0
             out.append(Report(f"recovery refused ({said}); renewing on simplereenroll instead"))
-        elif status in (401, 403) and (work is Work.RECOVER or
-                                       (work is Work.RENEW and self._renew_instead)):
-            self._bootstrap_fallback = True  # past the grace window: the bootstrap path decides
+        elif (status in (401, 403) and (work is Work.RECOVER or
+                                        (work is Work.RENEW and self._renew_instead))) or \
+                (status == 403 and work is Work.RENEW):
+            # past the grace window, or superseded (a renewal whose answer was lost), or
+            # revoked: only the bootstrap credential can bring the device back
+            self._bootstrap_fallback = True
             self._renew_instead = False
             self._retry_at = 0.0
             out.append(Report(f"{work.value} refused ({said}); "
@@ -471,17 +479,20 @@ class Controller:
             self._switch_deadline = None
             self.previous = None
             out.append(Report(f"the broker refused credential generation {number} "
-                              f"({link.refusal}) and no valid one precedes it"))
+                              f"({link.refusal}); keeping it: the previous one is superseded or "
+                              "expired"))
         elif self.clock.monotonic() > self._switch_deadline:
             self._switch_deadline = self.clock.monotonic() + self.settings.switch_timeout
             out.append(Report(f"credential generation {number} not confirmed yet, the broker "
                               f"is away ({link.last_error or 'no answer'}); keeping it"))
 
     def _worth_going_back(self, previous: Credential) -> bool:
-        """Valid by our time, and not superseded by how its successor was issued."""
+        """Valid by our time, and not superseded when its successor was issued."""
+        if self.settings.issuance_supersedes:
+            return False
         current = self.current
         if current is not None and current.via in (Work.RECOVER, Work.BOOTSTRAP):
-            return False  # the server revoked it (superseded) when it issued this one
+            return False  # revoked (superseded) even by a server that keeps renewed ones
         return self.now() < previous.not_after
 
     def _settle(self) -> None:

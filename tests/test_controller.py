@@ -216,9 +216,22 @@ def test_a_broker_away_over_a_rotation_keeps_the_new_credential() -> None:
     assert Commit() in ctl.tick(UP)
 
 
-def test_a_refused_credential_rolls_back_to_a_valid_previous_one() -> None:
+def test_a_refused_credential_is_kept_when_the_server_superseded_the_previous() -> None:
+    """Our EST server revokes the renewed certificate: there is no way back."""
     world = World()
     ctl = running(world)
+    world.wait(5 * 3600)
+    ctl.tick(UP)
+    new = credential(2, world.wall)
+    ctl.result(Issued(Work.RENEW, new))
+    decisions = ctl.tick(REFUSED)
+    assert not any(isinstance(d, RollBack) for d in decisions)
+    assert ctl.current == new and ctl.phase is Phase.OPERATIONAL
+
+
+def test_a_refused_credential_rolls_back_to_a_valid_previous_one() -> None:
+    world = World()
+    ctl = running(world, issuance_supersedes=False)
     old = ctl.current
     world.wait(5 * 3600)
     ctl.tick(UP)
@@ -231,7 +244,7 @@ def test_a_refused_credential_rolls_back_to_a_valid_previous_one() -> None:
 
 def test_a_refused_credential_is_kept_when_the_previous_has_expired() -> None:
     world = World()
-    ctl = running(world)
+    ctl = running(world, issuance_supersedes=False)
     world.wait(5 * 3600)
     ctl.tick(UP)
     new = credential(2, world.wall)
@@ -242,9 +255,9 @@ def test_a_refused_credential_is_kept_when_the_previous_has_expired() -> None:
     assert ctl.current == new
 
 
-def test_never_rolls_back_to_a_credential_the_server_superseded() -> None:
+def test_never_rolls_back_past_a_recovery_even_with_a_server_that_keeps_renewed_ones() -> None:
     world = World()
-    ctl = running(world)
+    ctl = running(world, issuance_supersedes=False)
     world.wait(11 * 3600)
     assert starts(ctl.tick(AWAY)) == [Work.RECOVER]
     ctl.result(Refused(Work.RECOVER, 403, "past grace"))
@@ -256,7 +269,7 @@ def test_never_rolls_back_to_a_credential_the_server_superseded() -> None:
 
 def test_a_broker_refusing_every_new_credential_does_not_make_a_renewal_storm() -> None:
     world = World()
-    ctl = running(world)
+    ctl = running(world, issuance_supersedes=False)
     world.wait(5 * 3600)
     issued = 0
     for _ in range(2000):  # to past expiry, ten seconds a tick
@@ -317,6 +330,25 @@ def test_a_renewal_instead_of_recovery_refused_falls_back_to_the_bootstrap() -> 
     ctl.tick(AWAY)
     ctl.result(Refused(Work.RENEW, 403, "not the latest issued"))
     assert starts(ctl.tick(AWAY)) == [Work.BOOTSTRAP]
+
+
+def test_a_renewal_refused_as_superseded_reenrolls_with_the_bootstrap_at_once() -> None:
+    """A renewal whose answer was lost: the server has superseded the credential we hold."""
+    world = World()
+    ctl = running(world)
+    world.wait(5 * 3600)
+    ctl.tick(UP)
+    ctl.result(Refused(Work.RENEW, 403, "revoked (superseded)"))
+    assert starts(ctl.tick(UP)) == [Work.BOOTSTRAP]
+
+
+def test_a_renewal_refused_for_expiry_backs_off_for_recovery() -> None:
+    world = World()
+    ctl = running(world)
+    world.wait(5 * 3600)
+    ctl.tick(UP)
+    ctl.result(Refused(Work.RENEW, 401, "certificate expired"))
+    assert starts(ctl.tick(UP)) == []
 
 
 def test_a_refused_bootstrap_strands_the_device_and_says_why() -> None:
@@ -382,7 +414,7 @@ def test_the_brokers_expired_alert_confirmed_by_the_server_recovers() -> None:
 
 def test_a_restart_during_a_switch_resumes_it() -> None:
     world = World()
-    ctl = controller(world)
+    ctl = controller(world, issuance_supersedes=False)
     old, new = credential(1, REAL - HOUR), credential(2, REAL, via=None)
     ctl.start(new, old)
     assert ctl.phase is Phase.SWITCHING

@@ -112,7 +112,7 @@ class Fleet(RuleBasedStateMachine):
 
     def _issue(self, work: Work) -> Credential:
         self.serial += 1
-        if work in (Work.RECOVER, Work.BOOTSTRAP, Work.ENROLL) and self.latest is not None:
+        if self.latest is not None:  # every issuance supersedes the one before
             self.superseded.add(self.latest)
         self.latest = self.serial
         self.issued.append((self.true_now, work, self.est_mode != "lossy"))
@@ -135,7 +135,7 @@ class Fleet(RuleBasedStateMachine):
             if self.true_now >= cert.not_after:
                 return Refused(work, 401, "certificate expired")
             if cert.serial != self.latest:
-                return Refused(work, 403, "not the latest issued")
+                return Refused(work, 403, "revoked (superseded)")
         if work is Work.RECOVER:
             assert cert is not None
             if self.true_now < cert.not_after:
