@@ -4,8 +4,9 @@ For a device: make sure its TPM has the storage root key, create the bootstrap
 key inside it, have the Factory CA certify a CSR the TPM signed, write what the
 agent needs (bootstrap certificate, key blob, trust anchor, agent.toml) and
 allowlist the device in the registry. Everything is checked before anything is
-written, the files are assembled in a temporary directory and moved into place
-in one rename, so a refusal or a crash leaves no partial identity behind.
+written (the agent.toml as the agent will check it, before the TPM is touched),
+the files are assembled in a temporary directory and moved into place in one
+rename, so a refusal or a crash leaves no partial identity behind.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from device_agent.config import (
     PathsSection,
     render_toml,
 )
-from device_agent.errors import IdentityError
+from device_agent.errors import ConfigError, IdentityError
 from device_agent.identity import validate_device_id
 from device_agent.keystore import open_keystore
 from device_agent.tpm import build_csr
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP_LIFETIME = dt.timedelta(days=15 * 365)
 FILES = ("agent.toml", "bootstrap.pem", "bootstrap.tss", "trust.pem", "identity.json")
+SAMPLE_DEVICE = ("line-check", "device:/dev/tpmrm0")  # what a line's own settings are checked with
 
 
 class FactoryError(IdentityError):
@@ -78,7 +80,11 @@ class LocalFactoryCA:
 
 @dataclass(frozen=True)
 class LineSettings:
-    """What every device on a line shares: where it will enroll and publish."""
+    """What every device on a line shares: where it will enroll, recover and publish.
+
+    Checked when built, as the agent checks its agent.toml (``FactoryError`` names the key):
+    a line that would write a configuration the agent refuses provisions nothing.
+    """
 
     est_url: str
     broker_host: str
@@ -88,6 +94,26 @@ class LineSettings:
     installed_dir: Path | None = None  # where out_dir will live on the device, if elsewhere
     api_socket: Path | None = Path("/run/device-agent/api.sock")
     service_group: int | None = None  # gid the installed agent runs as; it must read the files
+    recovery_url: str | None = None  # the EST server's recovery listener, for expired certificates
+
+    def __post_init__(self) -> None:
+        agent_config(*SAMPLE_DEVICE, self.installed_dir or Path("/"), self)
+
+
+def agent_config(device_id: str, tcti: str, installed: Path, line: LineSettings) -> AgentConfig:
+    """The device's agent.toml, loaded back as the agent loads it: what it refuses, we refuse."""
+    config = AgentConfig(
+        device=DeviceSection(device_id, tcti),
+        paths=PathsSection(line.state_dir, installed / "bootstrap.pem",
+                           installed / "bootstrap.tss", installed / "trust.pem"),
+        est=ESTSection(line.est_url, line.recovery_url),
+        mqtt=MQTTSection(line.broker_host, line.broker_port),
+        api=APISection(line.api_socket),
+    )
+    try:
+        return AgentConfig.from_toml(render_toml(config), "agent.toml")
+    except ConfigError as exc:
+        raise FactoryError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,7 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     except ValueError as exc:
         raise FactoryError(str(exc)) from exc
     out_dir = out_dir.absolute()
+    config = agent_config(device_id, tcti, line.installed_dir or out_dir, line)
     previous = existing_identity(out_dir)
     if previous is not None:
         known_id, known_cert, known_tcti = previous
@@ -151,16 +178,6 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     cert = signer.sign(csr, device_id)
     if cert.public_key() != blob.public_key():
         raise FactoryError("the Factory CA certified a different key")
-
-    installed = line.installed_dir or out_dir
-    config = AgentConfig(
-        device=DeviceSection(device_id, tcti),
-        paths=PathsSection(line.state_dir, installed / "bootstrap.pem",
-                           installed / "bootstrap.tss", installed / "trust.pem"),
-        est=ESTSection(line.est_url),
-        mqtt=MQTTSection(line.broker_host, line.broker_port),
-        api=APISection(line.api_socket),
-    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -2,12 +2,18 @@
 
 One device prints its JSON summary; a batch prints one JSON line per device
 and a closing tally, carries on past failures, and exits non-zero if any failed.
+A batch row is device_id,tcti,out_dir[,recovery_url]: a fourth column, where
+given and not empty, replaces --recovery-url for that device. What the agent
+would refuse in its agent.toml (an --est-url or --recovery-url that is not an
+https:// URL with a host, a relative --state-dir) is refused before anything is
+written.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import grp
 import json
 import os
@@ -42,7 +48,8 @@ def _line(args: argparse.Namespace) -> LineSettings:
     return LineSettings(
         est_url=args.est_url, broker_host=host, broker_port=int(port),
         server_trust=pki.PKIPaths(args.pki).server_trust, state_dir=args.state_dir,
-        installed_dir=args.installed_dir, service_group=_service_group(args.group),
+        installed_dir=args.installed_dir, api_socket=args.api_socket,
+        service_group=_service_group(args.group), recovery_url=args.recovery_url,
     )
 
 
@@ -57,22 +64,25 @@ def _signer(args: argparse.Namespace) -> LocalFactoryCA:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    """Rows of device_id,tcti,out_dir; a header row is optional."""
+    """Rows of device_id,tcti,out_dir[,recovery_url]; a header row is optional."""
     line, signer, register = _line(args), _signer(args), registrar(args.registry)
     failed = done = 0
     with open(args.batch, newline="", encoding="utf-8") as rows:
         for number, row in enumerate(csv.reader(rows), start=1):
             if not row or row[0].strip().startswith("#") or row[0].strip() == "device_id":
                 continue
-            if len(row) != 3:
+            if len(row) not in (3, 4):
                 print(json.dumps({"row": number, "ok": False,
-                                  "error": "expected 3 columns device_id,tcti,out_dir "
+                                  "error": "expected 3 or 4 columns "
+                                           "device_id,tcti,out_dir[,recovery_url] "
                                            "(quote a TCTI that contains commas)"}), flush=True)
                 failed += 1
                 continue
-            device_id, tcti, out_dir = (cell.strip() for cell in row)
+            device_id, tcti, out_dir, *rest = (cell.strip() for cell in row)
             try:
-                summary = provision(device_id, tcti, Path(out_dir), signer, line, register,
+                row_line = (dataclasses.replace(line, recovery_url=rest[0]) if rest and rest[0]
+                            else line)
+                summary = provision(device_id, tcti, Path(out_dir), signer, row_line, register,
                                     force=args.force)
             except (IdentityError, OSError) as exc:  # one device must not stop the line
                 failed += 1
@@ -106,14 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, required=True, help="registry database")
     parser.add_argument("--passphrase-file", help="passphrase of the Factory CA key")
     parser.add_argument("--est-url", required=True, help="https://host:port of the EST server")
+    parser.add_argument("--recovery-url",
+                        help="https://host:port of the EST server's recovery listener, where "
+                        "a device whose certificate expired gets a new one (default: none; "
+                        "such a device re-enrolls with its bootstrap certificate)")
     parser.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
     parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/device-agent"))
     parser.add_argument("--installed-dir", type=Path,
                         help="where the output directory will live on the device")
+    parser.add_argument("--api-socket", type=Path, default=LineSettings.api_socket,
+                        help="the agent's local API socket (default: %(default)s, in the "
+                        "unit's RuntimeDirectory)")
     parser.add_argument("--device-id")
     parser.add_argument("--tcti", help="e.g. device:/dev/tpmrm0")
     parser.add_argument("--out", help="the device's configuration directory")
-    parser.add_argument("--batch", type=Path, help="CSV of device_id,tcti,out_dir")
+    parser.add_argument("--batch", type=Path,
+                        help="CSV of device_id,tcti,out_dir[,recovery_url]; a recovery_url "
+                        "there replaces --recovery-url for that row")
     parser.add_argument("--group", help=f"group the installed agent runs as, given read access "
                         f"to the identity (default: {SERVICE_GROUP}, where that group exists)")
     parser.add_argument("--force", action="store_true",

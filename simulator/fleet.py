@@ -143,8 +143,9 @@ class Fleet(contextlib.ExitStack):
                 tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
                                                      max_transients=3))
                 tcti, env = tpm.tcti, tpm.env
-            line = LineSettings(est_url=self.est.base_url, broker_host="127.0.0.1",
-                                broker_port=self.broker.port, server_trust=self.pki.server_trust,
+            line = LineSettings(est_url=self.est.base_url, recovery_url=self.est.recovery_url,
+                                broker_host="127.0.0.1", broker_port=self.broker.port,
+                                server_trust=self.pki.server_trust,
                                 state_dir=directory / "state", api_socket=directory / "api.sock")
             provision(device_id, tcti, directory / "etc", factory, line, register)
             config_path = self._tune(directory / "etc" / "agent.toml")
@@ -156,11 +157,11 @@ class Fleet(contextlib.ExitStack):
              f"in {time.monotonic() - started:.1f}s")
 
     def _tune(self, path: Path) -> Path:
-        """The factory's agent.toml, with the recovery listener and a fast telemetry period."""
+        """The factory's agent.toml with simulation-speed knobs only (keepalive, telemetry
+        period, retry cap); where a device enrolls, recovers and publishes is the factory's."""
         config = AgentConfig.load(path)
         config = dataclasses.replace(
             config,
-            est=dataclasses.replace(config.est, recovery_url=self.est.recovery_url),
             mqtt=dataclasses.replace(config.mqtt, keepalive=10,
                                      telemetry_interval=self.options.interval_s),
             renewal=dataclasses.replace(config.renewal, retry_max=4.0))

@@ -231,17 +231,25 @@ def enrollment_server(tmp_path_factory: pytest.TempPathFactory,
 
 
 def factory_device(directory: Path, device_id: str, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths,
-                   est: ESTServer, broker: Mosquitto, fraction: float = 2 / 3) -> AgentProcess:
-    """Provisioned by the factory script's code, then tuned for a fast test."""
+                   est: ESTServer, broker: Mosquitto, fraction: float = 2 / 3,
+                   recovery_url: str | None = None) -> AgentProcess:
+    """Provisioned by the factory script's code (with ``recovery_url``, the EST server's
+    recovery listener, if given), then only its speed knobs turned for a fast test."""
     line = LineSettings(est_url=f"https://127.0.0.1:{est.port}", broker_host="127.0.0.1",
                         broker_port=broker.port, server_trust=pki_dir.server_trust,
-                        state_dir=directory / "state", api_socket=directory / "api.sock")
+                        state_dir=directory / "state", api_socket=directory / "api.sock",
+                        recovery_url=recovery_url)
     provision(device_id, swtpm.tcti, directory / "etc", LocalFactoryCA(pki_dir), line,
               registrar(est.registry_path))
-    config_path = directory / "etc" / "agent.toml"
+    return fast_agent(directory / "etc" / "agent.toml", swtpm.env, fraction)
+
+
+def fast_agent(config_path: Path, env: dict[str, str], fraction: float = 2 / 3) -> AgentProcess:
+    """The factory's agent.toml with test-speed knobs only (telemetry period, retry cap,
+    renewal fraction); where the device enrolls, recovers and publishes stays as provisioned."""
     config = AgentConfig.load(config_path)
     config = dataclasses.replace(
         config, mqtt=dataclasses.replace(config.mqtt, telemetry_interval=0.25),
         renewal=dataclasses.replace(config.renewal, retry_max=4.0, fraction=fraction))
     config_path.write_text(render_toml(config))
-    return AgentProcess(config_path, swtpm.env)
+    return AgentProcess(config_path, env)

@@ -1,31 +1,37 @@
 """Devices that come back after their certificate expired: the real agent finds its way back.
 
 Certificates live 8 seconds here; a device is stopped with telemetry still queued
-(its broker out of reach), kept off past expiry, and started again.
+(its broker out of reach), kept off past expiry, and started again. Every device is
+provisioned with the recovery listener by the factory (the first by the shipped
+``device-provision`` command); only speed knobs are turned afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from device_agent.config import AgentConfig, render_toml
+from device_agent.config import AgentConfig
 from provisioning import pki
 from simulator.device import AgentProcess
 from simulator.monitor import TelemetryMonitor
 from simulator.processes import SoftwareTPM, require_library
 
-from .conftest import ClientFiles, RenderedBroker, factory_device, rendered_broker
+from .conftest import ClientFiles, RenderedBroker, factory_device, fast_agent, rendered_broker
 from .est_support import ESTServer, running_est_server
 
 pytestmark = pytest.mark.integration
 
 FAKETIME = "faketime/libfaketime.so.1"
-
+DEVICE_PROVISION = str(Path(sys.executable).parent / "device-provision")
+LATE = 0.9  # renewal fraction: the device is switched off before it renews
 
 
 @pytest.fixture
@@ -48,16 +54,6 @@ def within_grace(tmp_path: Path, pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
 @pytest.fixture
 def past_grace(tmp_path: Path, pki_dir: pki.PKIPaths) -> Iterator[ESTServer]:
     yield from recovery_server(tmp_path / "est", pki_dir, "1s")
-
-
-def with_recovery(agent: AgentProcess, est: ESTServer) -> AgentProcess:
-    """Point the device at the recovery listener; renew late, so it expires while off."""
-    config = AgentConfig.load(agent.config_path)
-    config = dataclasses.replace(
-        config, est=dataclasses.replace(config.est, recovery_url=est.recovery_url),
-        renewal=dataclasses.replace(config.renewal, fraction=0.9, jitter=0.05))
-    agent.config_path.write_text(render_toml(config))
-    return AgentProcess(agent.config_path, agent.env)
 
 
 def go_offline_past_expiry(agent: AgentProcess, broker: RenderedBroker) -> int:
@@ -102,12 +98,29 @@ def decisions(est: ESTServer, device: str) -> list[tuple[str, str, str]]:
         return [(e.action, e.decision, e.reason) for e in registry.audit_log(device)]
 
 
-def test_expired_device_recovers_and_delivers_what_it_queued(
+def test_a_device_from_the_shipped_factory_command_recovers_and_delivers_what_it_queued(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
     own_broker: RenderedBroker, backend: ClientFiles,
 ) -> None:
-    agent = with_recovery(factory_device(tmp_path / "dev", "back-1", swtpm, pki_dir,
-                                         within_grace, own_broker.mosquitto), within_grace)
+    """``device-provision --recovery-url`` as shipped, then the test-speed knobs only: the
+    device finds the recovery listener where the command put it, no bootstrap re-enrollment."""
+    directory = tmp_path / "dev"
+    provisioned = subprocess.run(
+        [DEVICE_PROVISION, "--pki", str(pki_dir.base),
+         "--registry", str(within_grace.registry_path), "--est-url", within_grace.base_url,
+         "--recovery-url", within_grace.recovery_url,
+         "--broker", f"127.0.0.1:{own_broker.port}", "--device-id", "back-1",
+         "--tcti", swtpm.tcti, "--out", str(directory / "etc"),
+         "--state-dir", str(directory / "state"), "--api-socket", str(directory / "api.sock")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **swtpm.env, "TSS2_LOG": "all+none"})
+    assert provisioned.returncode == 0, provisioned.stderr
+    written = AgentConfig.load(directory / "etc" / "agent.toml")
+    assert written.est.recovery_url == within_grace.recovery_url
+    agent = fast_agent(directory / "etc" / "agent.toml", swtpm.env, LATE)
+    assert agent.config.renewal.fraction == LATE  # and nothing but the speed knobs changed:
+    assert dataclasses.replace(agent.config, mqtt=written.mqtt,
+                               renewal=written.renewal) == written
     with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
                           key=backend.key) as monitor:
         go_offline_past_expiry(agent, own_broker)
@@ -123,8 +136,8 @@ def test_past_the_grace_window_the_bootstrap_certificate_brings_it_back(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, past_grace: ESTServer,
     own_broker: RenderedBroker, backend: ClientFiles,
 ) -> None:
-    agent = with_recovery(factory_device(tmp_path / "dev", "back-2", swtpm, pki_dir,
-                                         past_grace, own_broker.mosquitto), past_grace)
+    agent = factory_device(tmp_path / "dev", "back-2", swtpm, pki_dir, past_grace,
+                           own_broker.mosquitto, LATE, recovery_url=past_grace.recovery_url)
     with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
                           key=backend.key) as monitor:
         go_offline_past_expiry(agent, own_broker)
@@ -140,8 +153,8 @@ def test_a_device_whose_clock_reads_1970_still_recovers(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
     own_broker: RenderedBroker, backend: ClientFiles,
 ) -> None:
-    agent = with_recovery(factory_device(tmp_path / "dev", "back-3", swtpm, pki_dir,
-                                         within_grace, own_broker.mosquitto), within_grace)
+    agent = factory_device(tmp_path / "dev", "back-3", swtpm, pki_dir, within_grace,
+                           own_broker.mosquitto, LATE, recovery_url=within_grace.recovery_url)
     with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
                           key=backend.key) as monitor:
         go_offline_past_expiry(agent, own_broker)
@@ -158,8 +171,8 @@ def test_the_brokers_expired_alert_starts_recovery_when_the_clock_lags(
     tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, within_grace: ESTServer,
     own_broker: RenderedBroker, backend: ClientFiles,
 ) -> None:
-    agent = with_recovery(factory_device(tmp_path / "dev", "back-4", swtpm, pki_dir,
-                                         within_grace, own_broker.mosquitto), within_grace)
+    agent = factory_device(tmp_path / "dev", "back-4", swtpm, pki_dir, within_grace,
+                           own_broker.mosquitto, LATE, recovery_url=within_grace.recovery_url)
     with TelemetryMonitor(port=own_broker.port, cafile=pki_dir.server_trust, cert=backend.cert,
                           key=backend.key) as monitor:
         go_offline_past_expiry(agent, own_broker)

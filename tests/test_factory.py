@@ -81,10 +81,51 @@ def test_written_agent_config_is_accepted_by_the_agent(
                      "--out", str(out)).returncode == 0
     config = AgentConfig.load(out / "agent.toml")
     assert config.device.id == "fab-3" and config.device.tcti == swtpm.tcti
+    assert config.est.url == "https://est.example:8443" and config.est.recovery_url is None
     assert config.paths.bootstrap_key == out / "bootstrap.tss"
     assert (out / "trust.pem").read_bytes() == \
         pki.PKIPaths(line["pki"]).server_trust.read_bytes()
     assert (out / "bootstrap.tss").stat().st_mode & 0o777 == 0o640
+
+
+def test_the_recovery_listener_is_written_for_the_agent(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    result = provision(line, "--device-id", "fab-rec", "--tcti", swtpm.tcti, "--out", str(out),
+                       "--recovery-url", "https://est.example:8444",
+                       "--api-socket", str(tmp_path / "api.sock"))
+    assert result.returncode == 0, result.stderr
+    config = AgentConfig.load(out / "agent.toml")
+    assert config.est.url == "https://est.example:8443"
+    assert config.est.recovery_url == "https://est.example:8444"
+    assert config.api.socket == tmp_path / "api.sock"
+
+
+def test_a_bad_recovery_url_is_refused_before_anything_is_written(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    """The agent would refuse it in its agent.toml: the factory refuses it first."""
+    for number, url in enumerate(("http://est.example:8444", "est.example:8444", "https://")):
+        out = tmp_path / f"single-{number}"
+        result = provision(line, "--device-id", f"fab-badrec-{number}", "--tcti", swtpm.tcti,
+                           "--out", str(out), "--recovery-url", url)
+        assert result.returncode == 2, (url, result.stdout)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "[est] recovery_url" in result.stderr, result.stderr
+        assert not out.exists(), url
+    with open(tmp_path / "line.csv", "w", newline="") as sheet:
+        csv.writer(sheet).writerows([["fab-badrec-b1", swtpm.tcti, tmp_path / "batch-1"],
+                                     ["fab-badrec-b2", swtpm.tcti, tmp_path / "batch-2",
+                                      "https://est.example:8444"]])
+    result = provision(line, "--batch", str(tmp_path / "line.csv"),
+                       "--recovery-url", "http://est.example:8444")
+    assert result.returncode == 2 and result.stdout == ""  # refused as a whole, no row tried
+    assert "[est] recovery_url" in result.stderr, result.stderr
+    assert not (tmp_path / "batch-1").exists() and not (tmp_path / "batch-2").exists()
+    with open_registry(line["registry"]) as registry:
+        assert [registry.device(f"fab-badrec-{n}") for n in ("0", "1", "2", "b1", "b2")] == \
+            [None] * 5
 
 
 def test_the_identity_is_handed_to_the_agents_group_with_narrow_modes(
@@ -239,3 +280,36 @@ def test_batch_of_twenty_carries_on_past_a_broken_tpm(
     assert [x["device_id"] for x in failed] == ["batch-10"]
     assert not (tmp_path / "dev-10").exists()
     assert all((tmp_path / f"dev-{i:02d}" / "agent.toml").exists() for i in range(20) if i != 10)
+
+
+def test_a_batch_row_may_name_its_own_recovery_listener(
+    line: dict[str, Path], swtpm: SoftwareTPM, tmp_path: Path,
+) -> None:
+    """Fourth column: replaces --recovery-url for that row; empty or absent: the line's."""
+    rows = {
+        "rec-three": [],                                    # the 3-column sheet still works
+        "rec-own": ["https://recovery-b.example:9444"],
+        "rec-empty": [""],
+        "rec-bad": ["http://recovery-b.example:9444"],      # refused, the line goes on
+        "rec-five": ["https://recovery-b.example:9444", "extra"],
+    }
+    with open(tmp_path / "line.csv", "w", newline="") as sheet:
+        writer = csv.writer(sheet)
+        writer.writerow(["device_id", "tcti", "out_dir", "recovery_url"])
+        for device_id, extra in rows.items():
+            writer.writerow([device_id, swtpm.tcti, tmp_path / device_id, *extra])
+    result = provision(line, "--batch", str(tmp_path / "line.csv"),
+                       "--recovery-url", "https://recovery-a.example:8444")
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert result.returncode == 1
+    assert lines[-1] == {"provisioned": 3, "failed": 2}
+    assert [x.get("device_id") for x in lines[:-1] if not x["ok"]] == ["rec-bad", None]
+    recovery = {device_id: AgentConfig.load(tmp_path / device_id / "agent.toml").est.recovery_url
+                for device_id in ("rec-three", "rec-own", "rec-empty")}
+    assert recovery == {"rec-three": "https://recovery-a.example:8444",
+                        "rec-own": "https://recovery-b.example:9444",
+                        "rec-empty": "https://recovery-a.example:8444"}
+    assert not (tmp_path / "rec-bad").exists() and not (tmp_path / "rec-five").exists()
+    with open_registry(line["registry"]) as registry:
+        assert registry.device("rec-bad") is None and registry.device("rec-five") is None
+        assert registry.device("rec-own") is not None
