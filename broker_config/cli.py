@@ -1,4 +1,8 @@
-"""``broker-config``: render a Mosquitto directory from the PKI, enforce a revocation."""
+"""``broker-config``: render a Mosquitto directory from the PKI, enforce a revocation.
+
+Every command that installs a CRL refuses one that would roll the installed CRL
+back (crl.py) unless ``--force``; the refusal exits 1 and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,23 @@ from pathlib import Path
 from provisioning.pki import PKIPaths
 
 from . import revocation
+from .crl import ExpiryLookup, registry_expiries
 from .deploy import render_broker
 from .errors import BrokerConfigError
+
+REGISTRY_HELP = "registry that tells expired certificates (which may leave the CRL) " \
+    "from un-revoked ones"
+
+
+def _crl_options(command: argparse.ArgumentParser, registry_default: str) -> None:
+    command.add_argument("--registry", type=Path, help=f"{REGISTRY_HELP} ({registry_default})")
+    command.add_argument("--force", action="store_true",
+                         help="install a CRL even if it is older than the installed one or "
+                              "leaves out a certificate it revokes")
+
+
+def _expiries(registry: Path | None) -> ExpiryLookup | None:
+    return registry_expiries(registry) if registry is not None else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,15 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--backend-identity", default="backend",
                         help="certificate CN of the back-end service")
     render.add_argument("--user", default="mosquitto", help="user the broker drops to")
-    render.add_argument("--crl", type=Path, help="Device CA CRL (default: sign an empty one)")
+    render.add_argument("--crl", type=Path,
+                        help="Device CA CRL to install (default: the PKI's device-ca/crl.pem)")
+    _crl_options(render, "default: PKI/registry.sqlite3 if it exists")
     enforce = commands.add_parser("enforce", help="install a CRL, reload, end the sessions")
     enforce.add_argument("device_id")
     enforce.add_argument("--broker", type=Path, required=True, help="rendered broker directory")
     enforce.add_argument("--crl", type=Path, required=True, help="CRL listing the certificate")
     enforce.add_argument("--serial", type=lambda s: int(s, 16), help="revoked serial (hex)")
-    refresh = commands.add_parser("refresh-crl", help="install a re-issued CRL and reload")
+    enforce.add_argument("--registry", type=Path, help=REGISTRY_HELP)
+    refresh = commands.add_parser("refresh-crl", help="install a re-issued CRL and reload "
+                                  "(a no-op if it is the installed one)")
     refresh.add_argument("--broker", type=Path, required=True)
     refresh.add_argument("--crl", type=Path, required=True)
+    _crl_options(refresh, "without one, no revoked certificate may leave the CRL")
     return parser
 
 
@@ -43,16 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "render":
             layout = render_broker(PKIPaths(args.pki), args.out, port=args.port, bind=args.bind,
                                    backend_identity=args.backend_identity or None,
-                                   user=args.user, crl=args.crl)
+                                   user=args.user, crl=args.crl, registry=args.registry,
+                                   force=args.force)
             print(layout.conf)
         elif args.command == "enforce":
             done = revocation.enforce(args.broker, args.device_id, args.crl.read_bytes(),
-                                      serial=args.serial)
+                                      serial=args.serial, expiries=_expiries(args.registry))
             print(f"{done.device_id}: CRL installed, broker {done.broker_pid} reloaded, "
                   f"session ended; enforce took {done.seconds * 1000:.0f} ms")
         else:
-            pid = revocation.refresh_crl(args.broker, args.crl.read_bytes())
-            print(f"CRL installed, broker {pid} reloaded")
+            pid = revocation.refresh_crl(args.broker, args.crl.read_bytes(),
+                                         expiries=_expiries(args.registry), force=args.force)
+            print(f"CRL installed, broker {pid} reloaded" if pid is not None
+                  else "CRL already installed: nothing to do")
     except (BrokerConfigError, OSError, ValueError) as exc:
         print(f"broker-config: {exc}", file=sys.stderr)
         return 1

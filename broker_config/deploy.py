@@ -25,13 +25,15 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import pki
+from provisioning.errors import ProvisioningError
+from provisioning.registry import open_registry
 
 from ._install import Owner, install, make_dir
+from .crl import accept_crl, crl_lock, registry_expiries
 from .errors import BrokerConfigError
 from .mosquitto import BrokerSettings, render_acl, render_conf
 
@@ -43,7 +45,6 @@ DYNSEC_CANDIDATES = (
 )
 ADMIN_IDENTITY = "broker-admin"
 ADMIN_LIFETIME = dt.timedelta(days=397)
-CRL_LIFETIME = dt.timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class BrokerLayout:
     @property
     def crl(self) -> Path:
         return self.tls / "device-ca.crl"
+
+    @property
+    def crl_lock(self) -> Path:
+        """Taken by every writer of ``crl`` (crl.crl_lock), on any host sharing the directory."""
+        return self.base / ".crl.lock"
 
     @property
     def data(self) -> Path:
@@ -165,13 +171,28 @@ def initial_dynsec_state() -> bytes:
     return json.dumps(state, indent=2).encode()
 
 
-def empty_crl(authority: pki.Authority, lifetime: dt.timedelta = CRL_LIFETIME) -> bytes:
-    """A CRL with no entries, so ``crlfile`` exists before the first revocation."""
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(authority.name)
-               .last_update(now).next_update(now + lifetime))
-    digest = None if isinstance(authority.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(authority.key, digest).public_bytes(serialization.Encoding.PEM)
+def current_crl(paths: pki.PKIPaths, registry: Path | None,
+                passphrase: bytes | None = None) -> bytes:
+    """The CRL a render installs: the PKI's current Device CA CRL (``device-pki crl``).
+
+    Only a PKI that never published one (made by ``pki.init_pki``, not ``device-pki
+    init``) gets a CRL signed here, for the broker alone: the registry's revocations
+    if there is a registry, else an empty list. It carries no CRL number, so the
+    PKI's own numbering, which starts at its first publication, never clashes with it.
+    """
+    if paths.crl.exists():
+        return paths.crl.read_bytes()
+    authority = pki.read_authority(paths.device_ca, passphrase)
+    revocations: list[pki.Revocation] = []
+    if registry is not None and registry.is_file():
+        try:
+            with open_registry(registry) as opened:
+                revocations = opened.revocations()
+        except ProvisioningError as exc:
+            raise BrokerConfigError(f"cannot read the registry {registry}: {exc}") from exc
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    crl = pki.build_crl(authority, revocations, None, now, pki.CRL_LIFETIME)
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def _admin_files(paths: pki.PKIPaths, name: str, passphrase: bytes | None) -> tuple[bytes, bytes]:
@@ -191,16 +212,25 @@ def render_broker(
     crl: Path | None = None,
     passphrase: bytes | None = None,
     bind: str = "127.0.0.1",
+    registry: Path | None = None,
+    force: bool = False,
 ) -> BrokerLayout:
     """Render a complete broker directory from the PKI; returns its layout.
 
-    ``crl`` is the Device CA's current CRL (PEM); without it an empty one is
-    signed, which needs the Device CA key. Re-rendering keeps the plugin state
-    (revocations already enforced) and the persistence database.
+    ``crl`` is a Device CA CRL (PEM) to install; by default the PKI's current one
+    (:func:`current_crl`). Re-rendering never rolls the installed CRL back: one that
+    would un-revoke a certificate or is older raises ``CRLRefused`` before anything
+    is written, unless ``force`` (``crl.accept_crl``; ``registry``, by default the
+    PKI's, tells expired certificates from un-revoked ones). Re-rendering keeps the
+    plugin state (revocations already enforced) and the persistence database.
     """
     layout = BrokerLayout(out.resolve())
+    if registry is None and paths.registry.is_file():
+        registry = paths.registry
+    crl_pem = crl.read_bytes() if crl else current_crl(paths, registry, passphrase)
+    device_ca = pki.load_certs(paths.device_ca / "chain.pem")[0]
+    expiries = registry_expiries(registry) if registry is not None else None
     owner = broker_owner(user)
-    root = Owner(0, owner.gid) if owner else None
     settings = BrokerSettings(
         port=port, client_ca=layout.client_ca, certfile=layout.server_cert,
         keyfile=layout.server_key, data_dir=layout.data, crlfile=layout.crl,
@@ -208,15 +238,23 @@ def render_broker(
         admin_identity=ADMIN_IDENTITY, dynsec_plugin=find_dynsec_plugin(),
         dynsec_config=layout.dynsec, pid_file=layout.pid_file, clientid_from_identity=True,
     )
-    make_dir(layout.base, root, 0o750)
+    make_dir(layout.base, Owner(0, owner.gid) if owner else None, 0o750)
+    with crl_lock(layout.crl_lock):
+        installed = layout.crl.read_bytes() if layout.crl.exists() else None
+        accept_crl(crl_pem, device_ca, installed, expiries=expiries, force=force)
+        _write_broker(paths, layout, settings, crl_pem, owner, passphrase)
+    return layout
+
+
+def _write_broker(paths: pki.PKIPaths, layout: BrokerLayout, settings: BrokerSettings,
+                  crl_pem: bytes, owner: Owner | None, passphrase: bytes | None) -> None:
+    root = Owner(0, owner.gid) if owner else None
     make_dir(layout.tls, root, 0o750)
     make_dir(layout.data, owner, 0o700)
     make_dir(layout.admin, Owner(0, 0) if owner else None, 0o700)
     install(layout.server_cert, paths.server_cert("broker").read_bytes(), root, 0o640)
     install(layout.server_key, paths.server_key("broker").read_bytes(), root, 0o640)
     install(layout.client_ca, (paths.device_ca / "chain.pem").read_bytes(), root, 0o640)
-    crl_pem = crl.read_bytes() if crl else empty_crl(pki.read_authority(paths.device_ca,
-                                                                        passphrase))
     install(layout.crl, crl_pem, root, 0o640)
     if not layout.dynsec.exists():
         install(layout.dynsec, initial_dynsec_state(), owner, 0o600)
@@ -227,6 +265,6 @@ def render_broker(
     install(layout.server_trust, paths.server_trust.read_bytes(), None, 0o644)
     install(layout.acl, render_acl(settings).encode(), owner, 0o600)
     install(layout.conf, render_conf(settings, layout.acl).encode(), root, 0o640)
-    manifest = {"host": bind, "port": port, "admin_identity": ADMIN_IDENTITY, "user": user}
+    manifest = {"host": settings.bind, "port": settings.port, "admin_identity": ADMIN_IDENTITY,
+                "user": settings.user}
     install(layout.manifest, json.dumps(manifest, indent=2).encode(), None, 0o644)
-    return layout

@@ -19,3 +19,15 @@ class RevocationError(BrokerConfigError):
     def __init__(self, message: str, step: str) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CRLRefused(RevocationError):
+    """A CRL that would roll back the installed one (fewer revoked certificates, an
+    older thisUpdate or a lower CRL number); nothing was written.
+
+    ``dropped`` lists the revoked serials it would have let back in.
+    """
+
+    def __init__(self, message: str, dropped: tuple[int, ...] = ()) -> None:
+        super().__init__(message, "crl")
+        self.dropped = dropped

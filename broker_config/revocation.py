@@ -18,11 +18,11 @@ by the time the device is kicked its reconnect already meets the new CRL.
 Mosquitto adds each reloaded CRL to the store and OpenSSL picks, among CRLs
 of one issuer, the one with the latest thisUpdate: a new CRL must therefore
 carry a strictly later thisUpdate than the installed one, or it may be ignored.
+It must not drop an unexpired revoked certificate either (crl.py).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import time
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._install import Owner, install
+from .crl import ExpiryLookup, accept_crl, crl_lock, crl_number
 from .deploy import BrokerLayout, Manifest
 from .dynsec import AdminCredentials, admin_session
 from .errors import BrokerConfigError, RevocationError
@@ -53,48 +53,35 @@ class Enforcement:
     seconds: float
 
 
-def _load_crl(data: bytes) -> x509.CertificateRevocationList:
-    try:
-        return x509.load_pem_x509_crl(data)
-    except ValueError as exc:
-        raise RevocationError(f"not a PEM CRL: {exc}", "crl") from exc
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return None
-
-
-def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None
+def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
+              expiries: ExpiryLookup | None = None, force: bool = False,
               ) -> x509.CertificateRevocationList:
-    """Refuse a CRL the broker would not use: wrong signer, stale, or not newer."""
-    crl = _load_crl(crl_pem)
+    """Refuse a CRL the broker would not use (wrong signer, stale, not newer) or that
+    would roll the installed one back (``crl.accept_crl``)."""
     issuer = x509.load_pem_x509_certificates(layout.client_ca.read_bytes())[0]
-    key = issuer.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
-        raise RevocationError(f"client CA key type {type(key).__name__} not supported", "crl")
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(key):
-        raise RevocationError("the CRL is not signed by the broker's client CA", "crl")
-    now = dt.datetime.now(dt.UTC)
-    if crl.next_update_utc is not None and crl.next_update_utc <= now:
-        raise RevocationError("the CRL is past its nextUpdate: the broker would refuse "
-                              "every device", "crl")
-    if serial is not None and crl.get_revoked_certificate_by_serial_number(serial) is None:
-        raise RevocationError(f"serial {serial:x} is not on the CRL", "crl")
-    installed = layout.crl.read_bytes() if layout.crl.exists() else b""
-    if installed and installed != crl_pem:
-        if crl.last_update_utc <= _load_crl(installed).last_update_utc:
-            raise RevocationError("the CRL's thisUpdate is not later than the installed one; "
-                                  "Mosquitto could keep using the old CRL", "crl")
-    return crl
+    installed = layout.crl.read_bytes() if layout.crl.exists() else None
+    return accept_crl(crl_pem, issuer, installed, serial=serial, expiries=expiries, force=force)
 
 
 def install_crl(layout: BrokerLayout, crl_pem: bytes) -> None:
-    """Replace the broker's CRL atomically, keeping its owner and mode."""
+    """Replace the broker's CRL atomically, keeping its owner and mode (no checks)."""
     stat = layout.crl.stat()
     install(layout.crl, crl_pem, Owner(stat.st_uid, stat.st_gid), stat.st_mode & 0o777)
+
+
+def replace_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
+                expiries: ExpiryLookup | None = None, force: bool = False,
+                ) -> tuple[x509.CertificateRevocationList, bool]:
+    """Check and install under the broker's CRL lock; the CRL and whether the file changed.
+
+    The CRL already installed is a no-op: the file is not touched.
+    """
+    with crl_lock(layout.crl_lock):
+        crl = check_crl(layout, crl_pem, serial, expiries=expiries, force=force)
+        if layout.crl.exists() and layout.crl.read_bytes() == crl_pem:
+            return crl, False
+        install_crl(layout, crl_pem)
+    return crl, True
 
 
 def broker_pid(layout: BrokerLayout) -> int:
@@ -155,26 +142,30 @@ def kick(layout: BrokerLayout, device_id: str, timeout: float = 5.0) -> None:
 
 
 def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | None = None,
-            timeout: float = 5.0) -> Enforcement:
+            timeout: float = 5.0, expiries: ExpiryLookup | None = None) -> Enforcement:
     """Make a revocation bite on the broker rendered in ``broker_dir``.
 
     Installs ``crl_pem`` (the Device CA's CRL listing the revoked certificate,
     ``serial`` if given), reloads the broker so new handshakes meet it, then
     ends the device's live sessions. Safe to repeat with the same CRL.
+    ``expiries`` tells pruned entries from un-revoked ones (``crl.accept_crl``).
     Raises ``RevocationError`` whose ``step`` says how far it got.
     """
     started = time.monotonic()
     layout = BrokerLayout(Path(broker_dir))
-    crl = check_crl(layout, crl_pem, serial)
-    install_crl(layout, crl_pem)
+    crl, _ = replace_crl(layout, crl_pem, serial, expiries=expiries)
     pid = reload_broker(layout)
     kick(layout, device_id, timeout)
-    return Enforcement(device_id, _crl_number(crl), pid, time.monotonic() - started)
+    return Enforcement(device_id, crl_number(crl), pid, time.monotonic() - started)
 
 
-def refresh_crl(broker_dir: Path, crl_pem: bytes) -> int:
-    """Install a re-issued CRL before the old one's nextUpdate, and reload; returns the pid."""
+def refresh_crl(broker_dir: Path, crl_pem: bytes, *, expiries: ExpiryLookup | None = None,
+                force: bool = False) -> int | None:
+    """Install a re-issued CRL before the old one's nextUpdate and reload; the broker's pid,
+    or None when that CRL was already installed (nothing written, no reload).
+
+    A CRL that would roll the installed one back raises ``CRLRefused`` unless ``force``.
+    """
     layout = BrokerLayout(Path(broker_dir))
-    check_crl(layout, crl_pem)
-    install_crl(layout, crl_pem)
-    return reload_broker(layout)
+    _, changed = replace_crl(layout, crl_pem, expiries=expiries, force=force)
+    return reload_broker(layout) if changed else None

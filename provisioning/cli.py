@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from broker_config.crl import registry_expiries
 from broker_config.revocation import enforce
 from device_agent.errors import IdentityError
 
@@ -84,7 +85,8 @@ def cmd_revoke(args: argparse.Namespace) -> str:
     done = f"revoked {record.serial} of {record.device_id} ({reason.value}); CRL {crl}"
     for broker in args.broker or ():
         enforced = enforce(Path(broker), record.device_id, crl.read_bytes(),
-                           serial=int(record.serial, 16))
+                           serial=int(record.serial, 16),
+                           expiries=registry_expiries(_registry_path(args)))
         done += f"; broker {broker}: session ended in {enforced.seconds * 1000:.0f} ms"
     return done
 

@@ -11,8 +11,13 @@ still-valid certificate on the recovery listener), 403 when it is authenticated
 but not allowed (device not allowlisted or not active, revoked or superseded
 certificate, expired past the recovery grace, a CSR for another identity, a
 refused key, bootstrap re-enrollment switched off), 429 with Retry-After when a
-device has used up its recoveries or bootstrap re-enrollments for 24 hours, 400
-when the request itself is malformed.
+device has used up its renewals, recoveries or bootstrap re-enrollments for 24
+hours, 400 when the request itself is malformed.
+
+Every issuance says what it is (:class:`IssuanceKind`) and which of the device's
+certificates it supersedes: a renewal supersedes every older operational
+certificate still valid, so a credential cannot be renewed into a pile of live
+certificates, and the registry counts the issuances of each kind for the budgets.
 
 Recovery (issue 6) exists because a device that sat in a warehouse comes back
 with an expired certificate: the recovery listener lets that certificate
@@ -41,6 +46,7 @@ from .registry import (
     CertKind,
     Device,
     DeviceState,
+    IssuanceKind,
     PendingRequest,
     certificate_fingerprint,
     public_key_fingerprint,
@@ -54,10 +60,12 @@ class Operation(StrEnum):
     RECOVER = "recovery"
 
 
-# How an issuance's audit reason starts; the registry counts them for the daily budgets.
-RECOVERED = "recovered"
-REENROLLED_WITH_BOOTSTRAP = "re-enrolled with bootstrap"
 BUDGET_WINDOW = dt.timedelta(hours=24)
+
+# Whose issuances each operation's daily budget counts (a first enrollment has none).
+BUDGETS = {Operation.ENROLL: IssuanceKind.BOOTSTRAP_REENROLL,
+           Operation.REENROLL: IssuanceKind.RENEW,
+           Operation.RECOVER: IssuanceKind.RECOVER}
 
 
 class Outcome(StrEnum):
@@ -89,15 +97,17 @@ class Policy:
     recoveries_per_day: int = 3
     bootstrap_reenroll: BootstrapReenroll = BootstrapReenroll.ACTIVE
     bootstrap_reenrolls_per_day: int = 3
+    renewals_per_day: int = 24
 
     def __post_init__(self) -> None:
         if self.pending_retry_after < 1:
             raise ValueError("pending_retry_after must be at least 1 second")
         if self.recovery_grace < dt.timedelta(0):
             raise ValueError("recovery_grace must not be negative")
-        if self.recoveries_per_day < 1 or self.bootstrap_reenrolls_per_day < 1:
-            raise ValueError("recoveries_per_day and bootstrap_reenrolls_per_day must be at "
-                             "least 1")
+        if min(self.recoveries_per_day, self.bootstrap_reenrolls_per_day,
+               self.renewals_per_day) < 1:
+            raise ValueError("recoveries_per_day, bootstrap_reenrolls_per_day and "
+                             "renewals_per_day must be at least 1")
 
 
 class Issuer(StrEnum):
@@ -188,8 +198,9 @@ class Records:
 
     ``latest_serial`` is the device's most recently issued operational
     certificate, ``unexpired_serials`` those not revoked and still valid, and
-    ``recent`` when the device last used the budget of this operation (recoveries
-    or bootstrap re-enrollments) within :data:`BUDGET_WINDOW`.
+    ``recent`` when the device was issued certificates of this operation's
+    budget (:data:`BUDGETS`: renewals, recoveries or bootstrap re-enrollments)
+    within :data:`BUDGET_WINDOW`.
     """
 
     device: Device | None = None
@@ -203,7 +214,8 @@ class Records:
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer; ``supersede`` lists the serials to revoke (superseded) with an issuance."""
+    """The answer; an issuance says its ``issuance`` kind and lists in ``supersede`` the
+    serials (the Device CA's) to revoke as superseded with it."""
 
     outcome: Outcome
     status: int
@@ -211,6 +223,7 @@ class Decision:
     device_id: str | None = None
     retry_after: int | None = None
     supersede: tuple[str, ...] = ()
+    issuance: IssuanceKind | None = None
 
 
 def _refuse(status: int, reason: str, device_id: str | None = None) -> Decision:
@@ -279,11 +292,12 @@ def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,
     if again:
         # Starting over: certificates still valid from before are superseded, not left live.
         return Decision(Outcome.ISSUE, 200,
-                        f"{REENROLLED_WITH_BOOTSTRAP}: device {device_id} was already enrolled "
+                        f"re-enrolled with bootstrap: device {device_id} was already enrolled "
                         f"(latest certificate {records.latest_serial}); "
                         f"{len(records.unexpired_serials)} unexpired certificate(s) superseded",
-                        device_id, supersede=records.unexpired_serials)
-    return Decision(Outcome.ISSUE, 200, "issued", device_id)
+                        device_id, supersede=records.unexpired_serials,
+                        issuance=IssuanceKind.BOOTSTRAP_REENROLL)
+    return Decision(Outcome.ISSUE, 200, "issued", device_id, issuance=IssuanceKind.ENROLL)
 
 
 def _unknown_device(peer: Peer, device_id: str, pending: PendingRequest | None,
@@ -309,9 +323,17 @@ def _reenroll(peer: Peer, request: Request | EnrollmentRefused, records: Records
     assert device_id is not None
     if peer.certificate.not_valid_after_utc < now:
         return _refuse(401, f"certificate {peer.serial} has expired", device_id)
-    return (_standing(peer, records, device_id)
-            or _renewal_request(peer, request, records, device_id, policy.require_new_key)
-            or Decision(Outcome.ISSUE, 200, "issued", device_id))
+    refusal = (_standing(peer, records, device_id)
+               or _over_budget(records.recent, policy.renewals_per_day, "renewals", device_id,
+                               now)
+               or _renewal_request(peer, request, records, device_id, policy.require_new_key))
+    if refusal is not None:
+        return refusal
+    # The new certificate replaces the one renewed and any other still valid: one live
+    # credential per device, whatever a client does with the ones it was given.
+    older = tuple(dict.fromkeys((*records.unexpired_serials, peer.serial)))
+    return Decision(Outcome.ISSUE, 200, f"issued; superseded {', '.join(older)}", device_id,
+                    supersede=older, issuance=IssuanceKind.RENEW)
 
 
 def _recover(peer: Peer, request: Request | EnrollmentRefused, records: Records,
@@ -342,9 +364,9 @@ def _recover(peer: Peer, request: Request | EnrollmentRefused, records: Records,
     if refusal is not None:
         return refusal
     return Decision(Outcome.ISSUE, 200,
-                    f"{RECOVERED}: certificate {peer.serial} expired {_span(expired_for)} ago "
+                    f"recovered: certificate {peer.serial} expired {_span(expired_for)} ago "
                     f"(grace {_span(policy.recovery_grace)}) and is superseded",
-                    device_id, supersede=(peer.serial,))
+                    device_id, supersede=(peer.serial,), issuance=IssuanceKind.RECOVER)
 
 
 def _operational_peer(peer: Peer, records: Records, endpoint: str) -> Decision | None:

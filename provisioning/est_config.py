@@ -10,6 +10,12 @@ max_body_bytes = 16384
 max_in_flight = 64        # per worker; beyond it 503 + Retry-After
 busy_retry_after = 5
 shutdown_timeout = 10
+handshake_timeout = 10    # seconds from connect to a finished TLS handshake
+idle_timeout = 15         # from the handshake or the last answer to a complete request head
+body_timeout = 10         # to receive a request body once its head is in; beyond it 408
+max_connections = 1000    # per worker, open or handshaking; beyond it new ones are dropped
+max_connections_per_peer = 256  # per worker and client IP address
+refusal_log_interval = 10 # at most one log line per refusal kind per worker per interval
 
 [pki]
 directory = "/var/lib/device-pki"
@@ -26,9 +32,23 @@ recovery_grace = "90d"         # how long after expiry a certificate may still r
 recoveries_per_day = 3         # per device, rolling 24 h; beyond it 429 + Retry-After
 bootstrap_reenroll = "active"  # or "never": an enrolled device may not use its bootstrap again
 bootstrap_reenrolls_per_day = 3
+renewals_per_day = 24          # per device, rolling 24 h; beyond it 429 + Retry-After
 ```
 
 Relative paths are read from the configuration file's directory.
+
+The connection keys (``handshake_timeout`` to ``refusal_log_interval``) bound
+what a client that never authenticates can hold: a socket that sends nothing
+is closed after ``handshake_timeout``, a TLS connection without a request after
+``idle_timeout``; ``max_connections_per_peer`` counts by IP address, so a fleet
+behind one NAT address may need it raised. A connection over a limit is dropped
+at accept and counted in the refusal log lines, as are failed TLS handshakes.
+
+``renewals_per_day`` bounds how many certificates one credential can obtain by
+renewing (each renewal supersedes the device's older certificates). It must
+allow a renewal every half lifetime, ``2 * 24h / certificate_lifetime``; left
+out, it is 24 or four renewals per lifetime, whichever is more (a 20 s
+certificate in a test, renewed every ~13 s, needs thousands a day).
 
 ``registry_sync = "normal"`` trades durability for throughput: after a power
 cut (not a crash of the server) the last issuance records may be gone. Such a
@@ -41,6 +61,7 @@ commands (device-pki) always write with a full sync.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import tomllib
@@ -53,8 +74,24 @@ from device_agent.errors import ConfigError
 from .enrollment import BootstrapReenroll, Policy, UnknownDevices
 from .pki import PKIPaths
 
+# [server] keys for the connection edge (_est_guard.py), read with their defaults' types.
+_EDGE_KEYS = ("handshake_timeout", "idle_timeout", "body_timeout", "max_connections",
+              "max_connections_per_peer", "refusal_log_interval")
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DAY = dt.timedelta(days=1)
+
+
+def renewals_needed(lifetime: dt.timedelta) -> int:
+    """The fewest renewals a day that let every device renew at half its certificate's life."""
+    return math.ceil(2 * _DAY / lifetime)
+
+
+def default_renewals(lifetime: dt.timedelta) -> int:
+    """24, or four renewals per certificate lifetime when that is more."""
+    if lifetime < dt.timedelta(seconds=1):
+        return Policy.renewals_per_day  # the lifetime itself is refused
+    return max(Policy.renewals_per_day, 2 * renewals_needed(lifetime))
 
 
 @dataclass(frozen=True)
@@ -71,10 +108,18 @@ class ServerConfig:
     max_in_flight: int = 64
     busy_retry_after: int = 5
     shutdown_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 15.0
+    body_timeout: float = 10.0
+    max_connections: int = 1000
+    max_connections_per_peer: int = 256
+    refusal_log_interval: float = 10.0
     policy: Policy = Policy()
     certificate_lifetime: dt.timedelta = dt.timedelta(days=7)
 
     def __post_init__(self) -> None:
+        renewals = (renewals_needed(self.certificate_lifetime)
+                    if self.certificate_lifetime >= dt.timedelta(seconds=1) else 1)
         checks = {
             "server.port": 0 < self.port < 65536,
             "server.recovery_port (not the port)": self.recovery_port is None
@@ -84,7 +129,16 @@ class ServerConfig:
             "server.max_in_flight": self.max_in_flight >= 1,
             "server.busy_retry_after": self.busy_retry_after >= 1,
             "server.shutdown_timeout": self.shutdown_timeout > 0,
+            "server.handshake_timeout": 0 < self.handshake_timeout <= 300,
+            "server.idle_timeout": 0 < self.idle_timeout <= 3600,
+            "server.body_timeout": 0 < self.body_timeout <= 300,
+            "server.max_connections": self.max_connections >= 1,
+            "server.max_connections_per_peer (at most max_connections)":
+            1 <= self.max_connections_per_peer <= self.max_connections,
+            "server.refusal_log_interval": 0 < self.refusal_log_interval <= 3600,
             "policy.certificate_lifetime": self.certificate_lifetime.total_seconds() >= 1,
+            f"policy.renewals_per_day (at least {renewals} for this certificate_lifetime)":
+            self.policy.renewals_per_day >= renewals,
             "pki.registry_sync (full or normal)": self.registry_sync in ("full", "normal"),
         }
         for key, ok in checks.items():
@@ -159,6 +213,8 @@ def load(path: str | Path) -> ServerConfig:
     except ValueError:
         raise ConfigError(f"{source}: policy.bootstrap_reenroll: active or never") from None
     lifetime = policy.pop("certificate_lifetime", None)
+    lifetime = (parse_duration(lifetime, "policy.certificate_lifetime")
+                if lifetime is not None else defaults.certificate_lifetime)
     grace = policy.pop("recovery_grace", None)
     try:
         rules = Policy(
@@ -170,7 +226,9 @@ def load(path: str | Path) -> ServerConfig:
             recoveries_per_day=_take(policy, "policy", "recoveries_per_day", int, 3),
             bootstrap_reenroll=again,
             bootstrap_reenrolls_per_day=_take(policy, "policy", "bootstrap_reenrolls_per_day",
-                                              int, 3))
+                                              int, 3),
+            renewals_per_day=_take(policy, "policy", "renewals_per_day", int,
+                                   default_renewals(lifetime)))
     except ValueError as exc:
         raise ConfigError(f"{source}: policy: {exc}") from exc
     config = ServerConfig(
@@ -188,9 +246,10 @@ def load(path: str | Path) -> ServerConfig:
                                defaults.busy_retry_after),
         shutdown_timeout=_take(server, "server", "shutdown_timeout", float,
                                defaults.shutdown_timeout),
+        **{key: _take(server, "server", key, type(getattr(defaults, key)),
+                      getattr(defaults, key)) for key in _EDGE_KEYS},
         policy=rules,
-        certificate_lifetime=(parse_duration(lifetime, "policy.certificate_lifetime")
-                              if lifetime is not None else defaults.certificate_lifetime),
+        certificate_lifetime=lifetime,
     )
     for name, table in (("server", server), ("pki", pki), ("policy", policy)):
         if table:

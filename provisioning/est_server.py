@@ -12,6 +12,13 @@ A listener is a TLS context plus routes: ``est`` on ``port`` serves RFC 7030;
 CA chain alone and ignores certificate dates, so an expired operational
 certificate gets through to the policy, which decides (enrollment.py); a
 bootstrap certificate does not even complete the handshake there.
+
+Authenticate first, then parse: a request without a client certificate (401,
+``WWW-Authenticate``), or with one this endpoint never takes (403: the wrong
+CA, no device ID), is answered here without reading its body or touching the
+registry, and counted in the worker's refusal log (_est_guard.py) instead of
+the audit table. Only a request a device can be held to reaches the service
+thread, whose every decision is an audit row.
 """
 
 from __future__ import annotations
@@ -32,18 +39,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
 
 from device_agent.errors import IdentityError
 
 from . import est_config, pki
-from .enrollment import Operation
+from ._est_guard import ConnectionLimits, GuardedListener, RefusalLog
+from .enrollment import Issuer, Operation, Peer
 from .est_config import ServerConfig
 from .est_service import EnrollmentService, Result
-from .est_wire import CERTS_TYPE, CSR_TYPE, CSRATTRS_TYPE, PREFIX, encode_certs, encode_csrattrs
+from .est_wire import (
+    CERTS_TYPE,
+    CSR_TYPE,
+    CSRATTRS_TYPE,
+    PARSE_ERRORS,
+    PREFIX,
+    encode_certs,
+    encode_csrattrs,
+)
 from .est_wire import media_type as _media_type
 from .registry import open_registry, serial_hex
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
+# TLS 1.2 suites: forward secret and AEAD only (TLS 1.3 suites are all AEAD). Key exchange
+# groups stay OpenSSL's defaults (X25519, P-256, X448, P-521, P-384): Python 3.11 can only
+# narrow them to a single curve.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# RFC 9110 wants a challenge on every 401, and no scheme is registered for TLS client
+# certificates: this one names what to present; clients skip schemes they do not know.
+CHALLENGE = 'TLS-Client-Certificate realm="est"'
+# The certificate each endpoint takes, judged without the registry (the TLS layer has
+# verified the chain): anything else is refused before the request is read.
+TAKES = {
+    Operation.ENROLL: (Issuer.FACTORY,
+                       "simpleenroll takes a bootstrap certificate from the Factory CA"),
+    Operation.REENROLL: (Issuer.DEVICE,
+                         "simplereenroll takes an operational certificate from the Device CA"),
+    Operation.RECOVER: (Issuer.DEVICE,
+                        "the recovery listener takes an operational certificate from the "
+                        "Device CA"),
+}
 log = logging.getLogger("est")
 
 
@@ -60,8 +95,10 @@ def _tls_context(paths: pki.PKIPaths, trust: Sequence[Path]) -> ssl.SSLContext:
         context.load_cert_chain(paths.server_cert("est"), paths.server_key("est"))
         for cafile in trust:
             context.load_verify_locations(cafile=cafile)
+        context.set_ciphers(TLS12_CIPHERS)
     except (OSError, ssl.SSLError) as exc:
         raise pki.PKIError(f"cannot build the EST server's TLS context: {exc}") from exc
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -97,18 +134,53 @@ def peer_certificate(request: web.Request) -> bytes | None:
 
 
 def _text(status: int, reason: str, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = CHALLENGE
     return web.Response(status=status, text=reason + "\n", headers=headers)
 
 
+@dataclass(frozen=True)
+class Authorities:
+    """The CA certificates a client certificate is sorted by (bootstrap or operational)."""
+
+    factory: x509.Certificate
+    device: x509.Certificate
+
+
+def authenticate(der: bytes | None, operation: Operation,
+                 authorities: Authorities) -> tuple[str, int, str] | None:
+    """Whether this endpoint can use the TLS client certificate, without the registry.
+
+    None when it can; otherwise the refusal's kind, status and reason: 401 when
+    there is no certificate, 403 when the one presented is not for this endpoint.
+    """
+    if der is None:
+        return "no-certificate", 401, "no client certificate"
+    issuer, wanted = TAKES[operation]
+    try:
+        peer = Peer.from_certificate(x509.load_der_x509_certificate(der), authorities.factory,
+                                     authorities.device)
+    except PARSE_ERRORS:
+        return "unusable-certificate", 403, "the client certificate cannot be read"
+    if peer.issuer is not issuer:
+        return "unusable-certificate", 403, wanted
+    if peer.device_id is None:
+        return "unusable-certificate", 403, "the client certificate names no valid device ID"
+    return None
+
+
 class Endpoints:
-    """The HTTP side of one worker: shape checks, load shedding, then the service thread."""
+    """The HTTP side of one worker: authentication, load shedding, shape checks, then the
+    service thread."""
 
     def __init__(self, config: ServerConfig, run: Callable[..., Awaitable[Result]],
-                 ca_chain: bytes) -> None:
+                 ca_chain: bytes, authorities: Authorities, refusals: RefusalLog) -> None:
         self.config = config
         self.run = run
         self.ca_chain = ca_chain
+        self.authorities = authorities
+        self.refusals = refusals
         self.csrattrs = encode_csrattrs()
         self.in_flight = 0
         self.busy_peers: set[bytes] = set()
@@ -144,8 +216,15 @@ class Endpoints:
     async def enroll(self, request: web.Request, operation: Operation) -> web.Response:
         started = time.monotonic()
         peer = peer_certificate(request)
+        refusal = authenticate(peer, operation, self.authorities)
+        if refusal is not None:
+            kind, status, reason = refusal
+            self.refusals.note(kind, status=status, op=operation.value, peer=request.remote,
+                               reason=reason)
+            return _text(status, reason)
         if self.in_flight >= self.config.max_in_flight:
-            log_event("shed", logging.WARNING, op=operation.value, in_flight=self.in_flight)
+            self.refusals.note("shed", status=503, op=operation.value, peer=request.remote,
+                               in_flight=self.in_flight)
             return _text(503, "server busy", self.config.busy_retry_after)
         if peer is not None and peer in self.busy_peers:
             return _text(429, "a request with this certificate is already in progress",
@@ -173,21 +252,30 @@ class Endpoints:
     async def _enroll(self, request: web.Request, operation: Operation,
                       peer: bytes | None) -> Result:
         limit = self.config.max_body_bytes
-        refusal: tuple[int, str] | None = None
+        body: bytes | tuple[int, str]
         if _media_type(request.content_type) != CSR_TYPE:
-            refusal = (415, f"content type must be {CSR_TYPE}")
+            body = (415, f"content type must be {CSR_TYPE}")
         elif request.content_length is not None and request.content_length > limit:
-            refusal = (413, f"request body larger than {limit} bytes")
-        if refusal is None:
-            body = bytearray()
-            async for chunk in request.content.iter_chunked(8192):
-                body += chunk
-                if len(body) > limit:
-                    refusal = (413, f"request body larger than {limit} bytes")
-                    break
-        if refusal is not None:
-            return await self.run("refuse", operation, peer, *refusal)
-        return await self.run("handle", operation, peer, bytes(body))
+            body = (413, f"request body larger than {limit} bytes")
+        else:
+            body = await self._body(request, limit)
+        if isinstance(body, tuple):
+            return await self.run("refuse", operation, peer, *body)
+        return await self.run("handle", operation, peer, body)
+
+    async def _body(self, request: web.Request, limit: int) -> bytes | tuple[int, str]:
+        """The body, or the refusal: larger than ``limit``, or slower than body_timeout."""
+        timeout = self.config.body_timeout
+        body = bytearray()
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_chunked(8192):
+                    body += chunk
+                    if len(body) > limit:
+                        return (413, f"request body larger than {limit} bytes")
+        except TimeoutError:
+            return (408, f"request body not received within {timeout:g}s")
+        return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -208,6 +296,9 @@ class Worker:
         self.stack = contextlib.ExitStack()
         self.service: EnrollmentService | None = None
         self.stopping = asyncio.Event()
+        self.refusals = RefusalLog(lambda event, **fields: log_event(event, logging.WARNING,
+                                                                     **fields),
+                                   config.refusal_log_interval)
 
     def _open(self) -> None:
         paths = self.config.pki
@@ -226,7 +317,10 @@ class Worker:
     def listeners(self) -> list[Listener]:
         paths = self.config.pki
         chain = pki.load_certs(paths.device_ca / "chain.pem")
-        endpoints = Endpoints(self.config, self.run, encode_certs(chain))
+        assert self.service is not None
+        authorities = Authorities(self.service.factory_ca, self.service.device_ca.certificate)
+        endpoints = Endpoints(self.config, self.run, encode_certs(chain), authorities,
+                              self.refusals)
         listeners = [Listener("est", self.config.host, self.config.port, server_context(paths),
                               endpoints.routes())]
         if self.config.recovery_port is not None:
@@ -239,32 +333,46 @@ class Worker:
         await loop.run_in_executor(self.executor, self._open)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        runners = []
+        config = self.config
+        limits = ConnectionLimits(config.handshake_timeout, config.max_connections,
+                                  config.max_connections_per_peer)
+        runners: list[web.AppRunner] = []
+        guards: list[GuardedListener] = []
         try:
             for listener in self.listeners():
-                app = web.Application(client_max_size=self.config.max_body_bytes)
+                app = web.Application(client_max_size=config.max_body_bytes)
                 app.add_routes(listener.routes)
+                # keepalive_timeout: from the handshake (or the last answer) to a complete
+                # request head; a silent or slow-header connection is closed after it.
                 runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                       shutdown_timeout=self.config.shutdown_timeout)
+                                       shutdown_timeout=config.shutdown_timeout,
+                                       keepalive_timeout=config.idle_timeout)
                 await runner.setup()
                 runners.append(runner)
-                await web.TCPSite(runner, listener.host, listener.port,
-                                  ssl_context=listener.context, reuse_port=True,
-                                  backlog=1024).start()
+                assert runner.server is not None
+                guard = GuardedListener(listener.name, listener.context, runner.server, limits,
+                                        self.refusals)
+                await guard.start(listener.host, listener.port)
+                guards.append(guard)
                 log_event("listening", listener=listener.name, host=listener.host,
                           port=listener.port)
             if ready_fd is not None:
                 os.write(ready_fd, b"r")
                 os.close(ready_fd)
-            watchdog = asyncio.create_task(self._watch_parent())
+            tasks = [asyncio.create_task(self._watch_parent()),
+                     asyncio.create_task(self._write_refusals())]
             await self.stopping.wait()
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
         finally:
+            for guard in guards:
+                guard.close()
             for runner in runners:
                 await runner.cleanup()
             await loop.run_in_executor(self.executor, self.stack.close)
             self.executor.shutdown(wait=True)
-        log_event("stopped")
+        self.refusals.flush(force=True)
+        log_event("stopped", refusals=dict(self.refusals.totals))
 
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died (SIGKILL) stops instead of holding the port."""
@@ -273,6 +381,12 @@ class Worker:
             await asyncio.sleep(1.0)
         log_event("orphaned", logging.WARNING)
         self.stopping.set()
+
+    async def _write_refusals(self) -> None:
+        """Counts a quiet spell left unwritten reach the log within an interval or so."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.refusals.flush()
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:

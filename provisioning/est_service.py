@@ -15,8 +15,7 @@ from cryptography import x509
 from . import pki
 from .enrollment import (
     BUDGET_WINDOW,
-    RECOVERED,
-    REENROLLED_WITH_BOOTSTRAP,
+    BUDGETS,
     Decision,
     Operation,
     Outcome,
@@ -27,7 +26,7 @@ from .enrollment import (
     decide,
 )
 from .errors import EnrollmentRefused
-from .est_wire import decode_csr
+from .est_wire import PARSE_ERRORS, decode_csr
 from .registry import AuditEntry, CertKind, Registry, serial_hex
 
 
@@ -48,6 +47,9 @@ class EnrollmentService:
         self.registry = registry
         self.policy = policy
         self.lifetime = lifetime
+        # Rows from a schema-1 registry do not name their CA; the two this server holds did.
+        registry.adopt_issuers({CertKind.BOOTSTRAP: factory_ca.subject,
+                                CertKind.OPERATIONAL: device_ca.certificate.subject})
 
     def peer(self, der: bytes | None) -> Peer | None:
         if not der:
@@ -57,10 +59,11 @@ class EnrollmentService:
 
     def _records(self, operation: Operation, peer: Peer | None, now: dt.datetime) -> Records:
         """Only the facts ``operation`` reads: renewal and recovery need the device's keys,
-        bootstrap re-enrollment and recovery its latest serial and daily budget."""
+        bootstrap re-enrollment and recovery its latest serial, bootstrap re-enrollment and
+        renewal its unexpired serials (to supersede), each its daily budget."""
         if peer is None:
             return Records()
-        record = self.registry.certificate(peer.serial)
+        record = self.registry.certificate(peer.serial, peer.certificate.issuer)
         device_id = record.device_id if record else peer.device_id
         if device_id is None:
             return Records(peer_record=record)
@@ -69,17 +72,15 @@ class EnrollmentService:
         if device is None:
             return Records(peer_record=record, pending=registry.pending(device_id))
         renewal = operation is not Operation.ENROLL
-        budget = {Operation.ENROLL: REENROLLED_WITH_BOOTSTRAP, Operation.RECOVER: RECOVERED}
-        prefix = budget.get(operation)
         return Records(
             device=device,
             peer_record=record,
             known_keys=registry.public_key_fingerprints(device_id) if renewal else frozenset(),
-            latest_serial=(registry.latest_operational(device_id) if prefix else None),
+            latest_serial=(registry.latest_operational(device_id)
+                           if operation is not Operation.REENROLL else None),
             unexpired_serials=(registry.unexpired_operational(device_id, now)
-                               if operation is Operation.ENROLL else ()),
-            recent=(registry.issued_since(device_id, operation.value, prefix,
-                                          now - BUDGET_WINDOW) if prefix else ()),
+                               if operation is not Operation.RECOVER else ()),
+            recent=registry.issued_since(device_id, BUDGETS[operation], now - BUDGET_WINDOW),
         )
 
     def handle(self, operation: Operation, peer_der: bytes | None, body: bytes) -> Result:
@@ -97,6 +98,8 @@ class EnrollmentService:
             request = Request.from_csr(csr)
         except EnrollmentRefused as refused:
             request = refused
+        except PARSE_ERRORS:  # a part of the CSR that decode_csr does not read
+            request = EnrollmentRefused(400, "CSR cannot be read")
         certificate = None
         with self.registry.transaction():
             now = dt.datetime.now(dt.UTC)
@@ -104,11 +107,13 @@ class EnrollmentService:
                               self.policy, now)
             if decision.outcome is Outcome.ISSUE:
                 assert csr is not None and decision.device_id is not None
+                assert decision.issuance is not None
                 certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
                                                           self.lifetime)
-                self.registry.record_certificate(decision.device_id, certificate,
-                                                 CertKind.OPERATIONAL)
-                self.registry.supersede(decision.supersede, now)
+                # No CRL is written here: superseded serials reach the CRL when it is next
+                # published (device-pki crl or revoke, or the refresh timer).
+                self.registry.record_issuance(decision.device_id, certificate,
+                                              decision.issuance, decision.supersede, now)
             elif decision.outcome is Outcome.HOLD:
                 assert peer is not None and decision.device_id is not None
                 self.registry.hold(decision.device_id, peer.certificate)

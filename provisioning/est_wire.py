@@ -13,6 +13,7 @@ import binascii
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -22,6 +23,12 @@ PREFIX = "/.well-known/est"
 CSR_TYPE = "application/pkcs10"
 CERTS_TYPE = "application/pkcs7-mime; smime-type=certs-only"
 CSRATTRS_TYPE = "application/csrattrs"
+
+# What cryptography raises for DER it cannot read: it parses a CSR's or a certificate's
+# parts lazily, so these come from the attribute read, not only from the load.
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, TypeError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType,
+    x509.DuplicateExtension, x509.InvalidVersion)
 
 
 def media_type(content_type: str | None) -> str:
@@ -37,24 +44,34 @@ def decode_base64(body: bytes, what: str) -> bytes:
 
 
 def decode_csr(body: bytes) -> x509.CertificateSigningRequest:
-    """The request in a simpleenroll/simplereenroll body, its signature checked.
+    """The request in a simpleenroll/simplereenroll body, its signature checked, its
+    subject, extensions and key readable.
 
     The signature is the proof of possession of the private key, so a CSR whose
     signature does not verify is refused as malformed before any policy runs.
+    Every part a policy reads is parsed here, so a part that does not parse is a
+    400 and not an exception in the policy.
     """
     der = decode_base64(body, "request body")
     if not der:
         raise EnrollmentRefused(400, "request body is empty")
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except PARSE_ERRORS as exc:
         raise EnrollmentRefused(400, "request body is not a DER PKCS#10 request") from exc
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType) as exc:
+    except PARSE_ERRORS as exc:
         raise EnrollmentRefused(400, "CSR signature cannot be checked") from exc
     if not valid:
         raise EnrollmentRefused(400, "CSR signature does not verify")
+    try:
+        csr.subject.rfc4514_string()
+        len(csr.extensions)
+        csr.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    except PARSE_ERRORS as exc:
+        raise EnrollmentRefused(400, "CSR subject, extensions or key cannot be read") from exc
     return csr
 
 

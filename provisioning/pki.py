@@ -364,31 +364,56 @@ def revocation_reason(text: str) -> x509.ReasonFlags:
 
 @dataclass(frozen=True)
 class Revocation:
-    """One CRL entry: what the registry knows about a revoked certificate."""
+    """One CRL entry: what the registry knows about a revoked certificate.
+
+    ``not_after`` is the certificate's own expiry, when known: it decides when
+    the entry may leave the CRL (:func:`still_listed`).
+    """
 
     serial: int
     revoked_at: dt.datetime
     reason: x509.ReasonFlags = x509.ReasonFlags.unspecified
+    not_after: dt.datetime | None = None
+
+
+def still_listed(entry: Revocation, previous_this_update: dt.datetime | None) -> bool:
+    """Whether ``entry`` belongs on the CRL that follows one issued at ``previous_this_update``.
+
+    RFC 5280 5.1.2.6 lets an entry go once it "appears on one regularly scheduled
+    CRL issued beyond the revoked certificate's validity period". So an entry goes
+    when the previous CRL was issued after both the certificate's notAfter and its
+    revocation (that CRL, built from the same registry, listed it past expiry): the
+    first CRL after expiry still lists it, the next one does not. Keeping expired
+    entries forever would only grow the list every device handshake is checked
+    against; an expired certificate is refused for its dates anyway. An entry whose
+    notAfter is unknown, or with no previous CRL, stays.
+    """
+    if entry.not_after is None or previous_this_update is None:
+        return True
+    return not (entry.not_after < previous_this_update and entry.revoked_at < previous_this_update)
 
 
 def build_crl(
     authority: Authority,
     revocations: Iterable[Revocation],
-    number: int,
+    number: int | None,
     this_update: dt.datetime,
     lifetime: dt.timedelta = CRL_LIFETIME,
 ) -> x509.CertificateRevocationList:
+    """Sign a CRL listing exactly ``revocations``; ``number`` None leaves out the CRL number
+    (a CRL outside the PKI's own sequence, see broker_config.deploy)."""
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(authority.certificate.subject)
         .last_update(this_update)
         .next_update(this_update + lifetime)
-        .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
             critical=False,
         )
     )
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     for entry in revocations:
         revoked = (
             x509.RevokedCertificateBuilder()
@@ -414,9 +439,12 @@ def publish_crl(
     its store) keeps the CRL with the latest thisUpdate, so a tie could leave
     the older list in force. A thisUpdate in the future would make OpenSSL
     reject the CRL, so a second publication within the same second waits.
+    Entries of certificates that expired before the previous CRL was issued are
+    left out (:func:`still_listed`).
     """
     target = Path(path)
     number, this_update = 1, _now().replace(microsecond=0)
+    previous_this_update: dt.datetime | None = None
     if target.exists():
         try:
             previous = x509.load_pem_x509_crl(target.read_bytes())
@@ -427,8 +455,10 @@ def publish_crl(
             number = last.crl_number + 1
         except x509.ExtensionNotFound:
             pass
-        this_update = _later_than(previous.last_update_utc)
-    crl = build_crl(authority, revocations, number, this_update, lifetime)
+        previous_this_update = previous.last_update_utc
+        this_update = _later_than(previous_this_update)
+    listed = [entry for entry in revocations if still_listed(entry, previous_this_update)]
+    crl = build_crl(authority, listed, number, this_update, lifetime)
     write_private(target, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return crl
 

@@ -6,6 +6,11 @@ connection. The SQL stays portable (text timestamps in ISO 8601 UTC, serials as
 lowercase hex text, ``ON CONFLICT`` upserts, parameters everywhere) so that a
 fleet that outgrows one host can move the same schema to PostgreSQL; only the
 pragmas and the append-only triggers are SQLite's dialect.
+
+A certificate is named by its issuer (the CA's distinguished name, RFC 4514)
+and its serial: the Factory CA and the Device CA each choose serials of their
+own. Every certificate the EST server hands out also gets an issuance row of its
+kind, which is what the daily budgets count.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,55 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from device_agent.identity import is_service_identity, validate_device_id
 
 from . import pki
+from ._registry_schema import SCHEMA_VERSION as SCHEMA_VERSION  # the tables live there
+from ._registry_schema import migrate
 from .errors import RegistryError
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS devices (
-        device_id TEXT PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'decommissioned')),
-        bootstrap_fingerprint TEXT,
-        created TEXT NOT NULL,
-        updated TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS certificates (
-        serial TEXT PRIMARY KEY,
-        device_id TEXT NOT NULL REFERENCES devices (device_id),
-        kind TEXT NOT NULL CHECK (kind IN ('bootstrap', 'operational')),
-        not_before TEXT NOT NULL,
-        not_after TEXT NOT NULL,
-        public_key_sha256 TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('issued', 'revoked')),
-        revocation_reason TEXT,
-        revoked_at TEXT,
-        recorded TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id)",
-    "CREATE INDEX IF NOT EXISTS certificates_by_status ON certificates (status, kind)",
-    """CREATE TABLE IF NOT EXISTS pending (
-        device_id TEXT PRIMARY KEY,
-        bootstrap_fingerprint TEXT NOT NULL,
-        bootstrap_pem TEXT NOT NULL,
-        decision TEXT NOT NULL CHECK (decision IN ('pending', 'approved', 'rejected')),
-        requests INTEGER NOT NULL,
-        first_seen TEXT NOT NULL,
-        last_seen TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS audit (
-        id INTEGER PRIMARY KEY,
-        at TEXT NOT NULL,
-        device_id TEXT,
-        action TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        status INTEGER,
-        reason TEXT NOT NULL,
-        peer_serial TEXT,
-        issued_serial TEXT)""",
-    "CREATE INDEX IF NOT EXISTS audit_by_device ON audit (device_id)",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
-)
 
 
 class DeviceState(StrEnum):
@@ -85,6 +44,15 @@ class DeviceState(StrEnum):
 class CertKind(StrEnum):
     BOOTSTRAP = "bootstrap"
     OPERATIONAL = "operational"
+
+
+class IssuanceKind(StrEnum):
+    """Why the EST server issued an operational certificate."""
+
+    ENROLL = "enroll"                          # simpleenroll, the device's first
+    RENEW = "renew"                            # simplereenroll
+    RECOVER = "recover"                        # the recovery listener
+    BOOTSTRAP_REENROLL = "bootstrap-reenroll"  # simpleenroll again, starting over
 
 
 @dataclass(frozen=True)
@@ -106,10 +74,20 @@ class CertificateRecord:
     status: str
     revocation_reason: str | None
     revoked_at: str | None
+    issuer: str = ""  # RFC 4514; "" for a row from schema 1 no one has adopted yet
 
     @property
     def revoked(self) -> bool:
         return self.status == "revoked"
+
+
+@dataclass(frozen=True)
+class Issuance:
+    device_id: str
+    kind: IssuanceKind
+    issuer: str
+    serial: str
+    at: str
 
 
 @dataclass(frozen=True)
@@ -152,6 +130,11 @@ def serial_hex(serial: int | str) -> str:
         raise RegistryError(f"malformed serial {serial!r}: expected hexadecimal") from None
 
 
+def issuer_name(issuer: x509.Name | str) -> str:
+    """The registry's spelling of an issuer: its distinguished name as RFC 4514 text."""
+    return issuer.rfc4514_string() if isinstance(issuer, x509.Name) else issuer
+
+
 def certificate_fingerprint(certificate: x509.Certificate) -> str:
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
@@ -165,6 +148,14 @@ def public_key_fingerprint(public_key: object) -> str:
 def _common_name(certificate: x509.Certificate) -> str | None:
     names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
+
+
+_CERTIFICATE = ("SELECT serial, device_id, kind, not_before, not_after, public_key_sha256,"
+                " status, revocation_reason, revoked_at, issuer FROM certificates")
+
+
+def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
+    return CertificateRecord(row[0], row[1], CertKind(row[2]), *row[3:])
 
 
 class Registry:
@@ -282,35 +273,59 @@ class Registry:
     def record_certificate(self, device_id: str, certificate: x509.Certificate,
                            kind: CertKind) -> None:
         serial = serial_hex(certificate.serial_number)
+        issuer = issuer_name(certificate.issuer)
         try:
             cursor = self._db.execute(
-                "INSERT INTO certificates (serial, device_id, kind, not_before, not_after,"
-                " public_key_sha256, status, recorded) VALUES (?, ?, ?, ?, ?, ?, 'issued', ?)"
-                " ON CONFLICT (serial) DO NOTHING",
-                (serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
+                "INSERT INTO certificates (issuer, serial, device_id, kind, not_before, not_after,"
+                " public_key_sha256, status, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?)"
+                " ON CONFLICT (issuer, serial) DO NOTHING",
+                (issuer, serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
                  timestamp(certificate.not_valid_after_utc),
                  public_key_fingerprint(certificate.public_key()), timestamp()))
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot record certificate {serial}: {exc}") from exc
         if cursor.rowcount == 0:
-            known = self.certificate(serial)
+            known = self.certificate(serial, issuer)
             if known is None or known.device_id != device_id:
-                raise RegistryError(f"serial {serial} is already recorded for "
+                raise RegistryError(f"serial {serial} of {issuer} is already recorded for "
                                     f"{known.device_id if known else 'another device'}")
 
-    def certificate(self, serial: int | str) -> CertificateRecord | None:
-        rows = self._query("SELECT serial, device_id, kind, not_before, not_after,"
-                           " public_key_sha256, status, revocation_reason, revoked_at"
-                           " FROM certificates WHERE serial = ?", (serial_hex(serial),))
-        if not rows:
-            return None
-        row = rows[0]
-        return CertificateRecord(row[0], row[1], CertKind(row[2]), *row[3:])
+    def record_issuance(self, device_id: str, certificate: x509.Certificate, kind: IssuanceKind,
+                        supersede: tuple[str, ...] = (), when: dt.datetime | None = None) -> None:
+        """An operational certificate handed out: its record, its issuance row, and the
+        serials of the same issuer it supersedes, in one transaction."""
+        issuer = issuer_name(certificate.issuer)
+        with self.transaction():
+            self.record_certificate(device_id, certificate, CertKind.OPERATIONAL)
+            self._query("INSERT INTO issuances (device_id, kind, issuer, serial, at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (device_id, kind.value, issuer, serial_hex(certificate.serial_number),
+                         timestamp(when)))
+            self.supersede(supersede, when, issuer)
+
+    def certificate(self, serial: int | str,
+                    issuer: x509.Name | str | None = None) -> CertificateRecord | None:
+        """The certificate ``issuer`` issued with ``serial``.
+
+        Without an issuer, the one certificate with that serial; a serial two
+        issuers both used is a RegistryError that asks for the issuer.
+        """
+        serial = serial_hex(serial)
+        if issuer is not None:
+            rows = self._query(f"{_CERTIFICATE} WHERE issuer = ? AND serial = ?",
+                               (issuer_name(issuer), serial))
+        else:
+            rows = self._query(f"{_CERTIFICATE} WHERE serial = ?", (serial,))
+            if len(rows) > 1:
+                issuers = "; ".join(row[9] or "unknown" for row in rows)
+                raise RegistryError(f"serial {serial} was issued by {len(rows)} CAs ({issuers}); "
+                                    "name the issuer")
+        return _certificate_record(rows[0]) if rows else None
 
     def certificates(self, device_id: str | None = None) -> list[CertificateRecord]:
-        rows = self._query("SELECT serial FROM certificates WHERE ? IS NULL OR device_id = ?"
+        rows = self._query(f"{_CERTIFICATE} WHERE ? IS NULL OR device_id = ?"
                            " ORDER BY recorded, serial", (device_id, device_id))
-        return [r for r in (self.certificate(row[0]) for row in rows) if r is not None]
+        return [_certificate_record(row) for row in rows]
 
     def count_certificates(self, kind: CertKind | None = None) -> int:
         if kind is None:
@@ -337,44 +352,71 @@ class Registry:
                            (device_id, CertKind.OPERATIONAL.value, timestamp(now)))
         return tuple(row[0] for row in rows)
 
-    def supersede(self, serials: tuple[str, ...], when: dt.datetime | None = None) -> None:
-        """Revoke ``serials`` (superseded) inside the caller's transaction.
+    def supersede(self, serials: tuple[str, ...], when: dt.datetime | None = None,
+                  issuer: x509.Name | str | None = None) -> None:
+        """Revoke ``serials`` (``issuer``'s, superseded) inside the caller's transaction.
 
         No audit row of its own: the enrollment decision that replaced them is
         the one entry, and it names the old serial.
         """
         for serial in serials:
+            record = self.certificate(serial, issuer)
+            if record is None:
+                continue
             self._query("UPDATE certificates SET status = 'revoked', revocation_reason = ?,"
-                        " revoked_at = ? WHERE serial = ? AND status = 'issued'",
-                        (x509.ReasonFlags.superseded.value, timestamp(when), serial_hex(serial)))
+                        " revoked_at = ? WHERE issuer = ? AND serial = ? AND status = 'issued'",
+                        (x509.ReasonFlags.superseded.value, timestamp(when), record.issuer,
+                         record.serial))
 
     def revoke(self, serial: int | str, reason: x509.ReasonFlags,
-               when: dt.datetime | None = None) -> CertificateRecord:
+               when: dt.datetime | None = None,
+               issuer: x509.Name | str | None = None) -> CertificateRecord:
         serial = serial_hex(serial)
         with self.transaction():
-            record = self.certificate(serial)
+            record = self.certificate(serial, issuer)
             if record is None:
                 raise RegistryError(f"no certificate with serial {serial} in the registry")
             if record.revoked:
                 raise RegistryError(f"certificate {serial} was revoked at {record.revoked_at} "
                                     f"({record.revocation_reason})")
             self._query("UPDATE certificates SET status = 'revoked', revocation_reason = ?,"
-                        " revoked_at = ? WHERE serial = ?",
-                        (reason.value, timestamp(when), serial))
+                        " revoked_at = ? WHERE issuer = ? AND serial = ?",
+                        (reason.value, timestamp(when), record.issuer, serial))
             self.audit(AuditEntry("revoke", "revoked", reason.value, record.device_id,
                                   peer_serial=serial))
-        revoked = self.certificate(serial)
+        revoked = self.certificate(serial, record.issuer)
         assert revoked is not None
         return revoked
 
+    def adopt_issuers(self, issuers: Mapping[CertKind, x509.Name | str]) -> int:
+        """Name the issuer of certificates recorded before schema 2, by their kind.
+
+        One Factory CA signed every bootstrap certificate and one Device CA every
+        operational one, so the EST service, which holds both, names them at
+        start. Returns how many rows it named.
+        """
+        named = 0
+        with self.transaction():
+            for kind, issuer in issuers.items():
+                try:
+                    cursor = self._db.execute(
+                        "UPDATE OR IGNORE certificates SET issuer = ? WHERE issuer = ''"
+                        " AND kind = ?", (issuer_name(issuer), kind.value))
+                except sqlite3.Error as exc:
+                    raise RegistryError(f"cannot name the issuer of {kind} certificates: "
+                                        f"{exc}") from exc
+                named += cursor.rowcount
+        return named
+
     def revocations(self) -> list[pki.Revocation]:
-        """The Device CA's revoked certificates, as its CRL lists them."""
-        rows = self._query("SELECT serial, revoked_at, revocation_reason FROM certificates"
-                           " WHERE status = 'revoked' AND kind = ? ORDER BY revoked_at",
-                           (CertKind.OPERATIONAL.value,))
+        """The Device CA's revoked certificates, with their notAfter for pruning the CRL."""
+        rows = self._query("SELECT serial, revoked_at, revocation_reason, not_after"
+                           " FROM certificates WHERE status = 'revoked' AND kind = ?"
+                           " ORDER BY revoked_at", (CertKind.OPERATIONAL.value,))
         return [pki.Revocation(int(serial, 16), dt.datetime.fromisoformat(at),
-                               x509.ReasonFlags(reason or "unspecified"))
-                for serial, at, reason in rows]
+                               x509.ReasonFlags(reason or "unspecified"),
+                               dt.datetime.fromisoformat(not_after))
+                for serial, at, reason, not_after in rows]
 
     # --- requests held for an operator (RFC 7030 4.2.3) ----------------------------------
 
@@ -425,18 +467,17 @@ class Registry:
                     (entry.at or timestamp(), entry.device_id, entry.action, entry.decision,
                      entry.status, entry.reason, entry.peer_serial, entry.issued_serial))
 
-    def issued_since(self, device_id: str, action: str, reason_prefix: str,
-                     since: dt.datetime) -> tuple[dt.datetime, ...]:
-        """When ``action`` issued to the device with a reason starting ``reason_prefix``.
+    def issuances(self, device_id: str | None = None) -> list[Issuance]:
+        rows = self._query("SELECT device_id, kind, issuer, serial, at FROM issuances"
+                           " WHERE ? IS NULL OR device_id = ? ORDER BY id", (device_id, device_id))
+        return [Issuance(row[0], IssuanceKind(row[1]), *row[2:]) for row in rows]
 
-        The audit log is the record of recoveries and bootstrap re-enrollments,
-        so the daily budgets are counted from it rather than kept in a table
-        that could disagree with it.
-        """
-        rows = self._query("SELECT at FROM audit WHERE device_id = ? AND action = ?"
-                           " AND decision = 'issued' AND substr(reason, 1, ?) = ? AND at >= ?"
-                           " ORDER BY at", (device_id, action, len(reason_prefix), reason_prefix,
-                                            timestamp(since)))
+    def issued_since(self, device_id: str, kind: IssuanceKind,
+                     since: dt.datetime) -> tuple[dt.datetime, ...]:
+        """When the device was issued a certificate of ``kind`` since ``since``: the daily
+        budgets (renewals, recoveries, bootstrap re-enrollments) count these rows."""
+        rows = self._query("SELECT at FROM issuances WHERE device_id = ? AND kind = ? AND at >= ?"
+                           " ORDER BY at", (device_id, kind.value, timestamp(since)))
         return tuple(dt.datetime.fromisoformat(row[0]) for row in rows)
 
     def audit_log(self, device_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
@@ -445,23 +486,6 @@ class Registry:
             " FROM audit WHERE ? IS NULL OR device_id = ? ORDER BY id DESC LIMIT ?",
             (device_id, device_id, limit))
         return [AuditEntry(*row) for row in reversed(rows)]
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA:
-            db.execute(statement)
-        rows = db.execute("SELECT version FROM schema_version").fetchall()
-        if not rows:
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif rows[0][0] > SCHEMA_VERSION:
-            raise RegistryError(f"{path} has schema version {rows[0][0]}; this program knows "
-                                f"{SCHEMA_VERSION} at most")
-        db.execute("COMMIT")
-    except BaseException:
-        db.rollback()
-        raise
 
 
 @contextmanager
@@ -487,7 +511,7 @@ def open_registry(path: str | Path, busy_timeout: float = 10.0,
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             db.execute("PRAGMA foreign_keys = ON")
-            _migrate(db, path)
+            migrate(db, path)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot prepare the registry {path}: {exc}") from exc
         yield Registry(db)

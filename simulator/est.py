@@ -5,12 +5,13 @@ Used by the fleet simulator and the tests (tests/est_support.py re-exports it).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,17 @@ class ESTServer:
 
 
 def write_config(directory: Path, paths: pki.PKIPaths, port: int,
-                 recovery_port: int | None = None, **policy: object) -> Path:
-    """est.toml for a test server; ``policy`` becomes the [policy] table as given."""
-    recovery = [f"recovery_port = {recovery_port}"] if recovery_port is not None else []
-    lines = ["[server]", f"port = {port}", *recovery, "workers = 2", "max_in_flight = 256",
-             "shutdown_timeout = 5", "[pki]", f'directory = "{paths.base}"',
+                 recovery_port: int | None = None, *,
+                 server_table: Mapping[str, object] | None = None, **policy: object) -> Path:
+    """est.toml for a test server; ``policy`` becomes the [policy] table as given,
+    ``server_table`` adds to (or overrides) the [server] table."""
+    table: dict[str, object] = {"port": port, "workers": 2, "max_in_flight": 256,
+                                "shutdown_timeout": 5}
+    if recovery_port is not None:
+        table["recovery_port"] = recovery_port
+    table.update(server_table or {})
+    lines = ["[server]", *(f"{key} = {json.dumps(value)}" for key, value in table.items()),
+             "[pki]", f'directory = "{paths.base}"',
              f'registry = "{directory / "registry.sqlite3"}"', "[policy]"]
     for key, value in policy.items():
         lines.append(f"{key} = {value!r}".replace("'", '"').replace("True", "true")
@@ -74,16 +81,18 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
 
 @contextmanager
 def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool = False,
+                       server_table: Mapping[str, object] | None = None,
                        **policy: object) -> Iterator[ESTServer]:
     """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill.
 
     ``recovery=True`` also opens the recovery listener on a second free port
-    (``ESTServer.recovery_port``, ``recovery_url``).
+    (``ESTServer.recovery_port``, ``recovery_url``); ``server_table`` sets [server] keys.
     """
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     recovery_port = free_port() if recovery else None
-    config = write_config(directory, paths, port, recovery_port, **policy)
+    config = write_config(directory, paths, port, recovery_port, server_table=server_table,
+                          **policy)
     log = directory / "est-server.log"
     with open(log, "ab") as out:
         process = subprocess.Popen([EST_SERVER, "--config", str(config)], stdout=out,

@@ -70,10 +70,12 @@ def starts(decisions: list[Decision]) -> list[Work]:
     return [d.work for d in decisions if isinstance(d, Start)]
 
 
-def running(world: World, now: dt.datetime | None = None, **settings: object) -> Controller:
-    """Operational on generation 1, issued an hour ago by ``now``."""
+def running(world: World, **settings: object) -> Controller:
+    """Operational on generation 1, enrolled in this run, its notBefore an hour back."""
     ctl = controller(world, **settings)
-    ctl.start(credential(1, (now or world.wall) - HOUR), None)
+    ctl.start(None, None)
+    ctl.tick(AWAY)
+    ctl.result(Issued(Work.ENROLL, credential(1, world.wall - HOUR, via=Work.ENROLL)))
     ctl.tick(UP)
     return ctl
 
@@ -161,10 +163,10 @@ def test_a_clock_jump_drops_the_offset_and_asks_the_server_again() -> None:
     assert ctl.now() == REAL + dt.timedelta(days=3)
 
 
-def test_a_clock_jumping_past_expiry_recovers_at_once() -> None:
+def test_a_long_suspend_past_expiry_recovers_at_once() -> None:
     world = World()
     ctl = running(world)
-    world.step(REAL + 20 * HOUR)  # resumed from a long suspend
+    world.wait(20 * 3600)  # suspended: the boot clock counts it (CLOCK_BOOTTIME)
     assert starts(ctl.tick(AWAY)) == [Work.RECOVER]
     assert ctl.phase is Phase.RECOVERING
 
@@ -429,4 +431,20 @@ def test_a_restart_with_work_in_flight_starts_it_again(phase_work: Work) -> None
     assert starts(ctl.tick(AWAY)) == [phase_work]
     again = controller(world, has_recovery_listener=phase_work is not Work.BOOTSTRAP)
     again.start(ctl.current, None)
+    if phase_work is Work.RENEW:  # what an earlier run obtained: the server's clock first
+        assert starts(again.tick(AWAY)) == [Work.DUE_CHECK]
+        again.result(TimeTold(Work.DUE_CHECK, world.wall))
     assert starts(again.tick(AWAY)) == [phase_work]
+
+
+def test_a_restarted_device_whose_clock_runs_ahead_does_not_renew_early() -> None:
+    """A fast clock survives restarts; each restart used to renew again (a storm)."""
+    world = World()
+    for restart in range(5):
+        ctl = controller(world)
+        ctl.start(credential(1, REAL - HOUR), None)
+        world.step(REAL + 4 * HOUR)  # the clock says renew; the true time is REAL
+        assert starts(ctl.tick(UP)) == [Work.DUE_CHECK]
+        ctl.result(TimeTold(Work.DUE_CHECK, REAL))
+        assert starts(ctl.tick(UP)) == []
+        world.step(REAL)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provisioning import pki
+from device_agent.errors import ConfigError
+from provisioning import est_config, pki
 from provisioning.enrollment import (
     Decision,
     Operation,
@@ -28,6 +30,7 @@ from provisioning.registry import (
     CertKind,
     Device,
     DeviceState,
+    IssuanceKind,
     PendingRequest,
     public_key_fingerprint,
 )
@@ -81,11 +84,14 @@ def reenroll(request: Request | EnrollmentRefused | None = None,
 
 
 def test_an_allowlisted_active_device_with_its_bootstrap_certificate_is_issued() -> None:
-    assert enroll() == Decision(Outcome.ISSUE, 200, "issued", "dev-1")
+    assert enroll() == Decision(Outcome.ISSUE, 200, "issued", "dev-1",
+                                issuance=IssuanceKind.ENROLL)
 
 
 def test_a_renewal_with_the_current_certificate_and_a_new_key_is_issued() -> None:
-    assert reenroll() == Decision(Outcome.ISSUE, 200, "issued", "dev-1")
+    decision = reenroll()
+    assert (decision.outcome, decision.status, decision.issuance) == \
+        (Outcome.ISSUE, 200, IssuanceKind.RENEW)
 
 
 @pytest.mark.parametrize(("decision", "status", "reason"), [
@@ -169,3 +175,63 @@ def test_a_service_identity_name_is_never_enrolled_as_a_device(name: str) -> Non
                       Records(device=device), Policy(), NOW)
     assert (decision.outcome, decision.status) == (Outcome.REFUSE, 403)
     assert "reserved for a service identity" in decision.reason
+
+
+class TestRenewal:
+    """simplereenroll is not a mint: it supersedes what it replaces and has a daily budget."""
+
+    HOUR = dt.timedelta(hours=1)
+
+    def test_supersedes_the_certificate_renewed(self) -> None:
+        assert reenroll().supersede == (OP_RECORD.serial,)
+
+    def test_supersedes_every_other_unexpired_certificate_of_the_device(self) -> None:
+        records = replace(REENROLL_FACTS, unexpired_serials=("a1", OP_RECORD.serial, "b2"))
+        assert reenroll(records=records).supersede == ("a1", OP_RECORD.serial, "b2")
+
+    def test_a_refused_renewal_supersedes_nothing(self) -> None:
+        records = replace(REENROLL_FACTS, unexpired_serials=(OP_RECORD.serial,))
+        decision = reenroll(csr(key=OP_KEY), records=records)
+        assert (decision.status, decision.supersede, decision.issuance) == (403, (), None)
+
+    def test_the_daily_budget_gives_429_with_retry_after(self) -> None:
+        recent = (NOW - 20 * self.HOUR, NOW - self.HOUR)
+        decision = reenroll(records=replace(REENROLL_FACTS, recent=recent),
+                            policy=Policy(renewals_per_day=2))
+        assert (decision.status, decision.retry_after, decision.supersede) == (429, 4 * 3600, ())
+
+    def test_renewals_more_than_a_day_old_do_not_count(self) -> None:
+        recent = (NOW - 25 * self.HOUR,) * 24
+        assert reenroll(records=replace(REENROLL_FACTS, recent=recent)).status == 200
+
+    def test_the_default_budget_is_24(self) -> None:
+        recent = (NOW - self.HOUR,) * 23
+        assert reenroll(records=replace(REENROLL_FACTS, recent=recent)).status == 200
+        assert reenroll(records=replace(REENROLL_FACTS, recent=(*recent, NOW))).status == 429
+
+    def test_the_budget_must_be_at_least_one(self) -> None:
+        with pytest.raises(ValueError, match="renewals_per_day must be at least 1"):
+            Policy(renewals_per_day=0)
+
+
+class TestRenewalConfig:
+    @staticmethod
+    def load(tmp_path: Path, policy: str) -> est_config.ServerConfig:
+        path = tmp_path / "est.toml"
+        path.write_text(f'[pki]\ndirectory = "pki"\n[policy]\n{policy}\n')
+        return est_config.load(path)
+
+    def test_defaults_to_24_a_day_for_week_long_certificates(self, tmp_path: Path) -> None:
+        assert self.load(tmp_path, "").policy.renewals_per_day == 24
+
+    def test_defaults_to_four_per_lifetime_for_short_certificates(self, tmp_path: Path) -> None:
+        config = self.load(tmp_path, 'certificate_lifetime = "20s"')
+        assert config.policy.renewals_per_day == 4 * 86400 // 20
+
+    def test_is_read_from_the_policy_table(self, tmp_path: Path) -> None:
+        config = self.load(tmp_path, 'certificate_lifetime = "1h"\nrenewals_per_day = 50')
+        assert config.policy.renewals_per_day == 50
+
+    def test_fewer_than_a_renewal_every_half_lifetime_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match=r"renewals_per_day \(at least 48 "):
+            self.load(tmp_path, 'certificate_lifetime = "1h"\nrenewals_per_day = 24')

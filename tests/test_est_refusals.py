@@ -1,4 +1,5 @@
-"""Every refusal: the right status, a reason the client can read, an audit row, nothing else."""
+"""Every refusal: the right status, a reason the client can read, an audit row when a device
+can be held to it (none for a request without a usable client certificate), nothing else."""
 
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class Case:
     status: int | None  # None: the TLS layer drops the connection before any HTTP
     reason: str
     content_type: str = "application/pkcs10"
+    audited: bool = True  # False: refused before the registry (no usable client certificate)
 
 
 CASES = [
@@ -115,10 +117,11 @@ CASES = [
          lambda k: (fake_factory_bootstrap(k), k.csr()), None, "TLS: unknown CA"),
     Case("operational certificate on simpleenroll", "simpleenroll",
          lambda k: (k.operational(), k.csr()),
-         401, "simpleenroll takes a bootstrap certificate from the Factory CA"),
+         403, "simpleenroll takes a bootstrap certificate from the Factory CA", audited=False),
     Case("bootstrap certificate on simplereenroll", "simplereenroll",
          lambda k: (k.bootstrap(), k.csr()),
-         401, "simplereenroll takes an operational certificate from the Device CA"),
+         403, "simplereenroll takes an operational certificate from the Device CA",
+         audited=False),
     Case("revoked certificate", "simplereenroll", lambda k: (revoked_operational(k), k.csr()),
          403, "is revoked (keyCompromise)"),
     Case("suspended device", "simpleenroll", lambda k: (suspended_bootstrap(k), k.csr()),
@@ -136,7 +139,7 @@ CASES = [
     Case("wrong content type", "simpleenroll", lambda k: (k.bootstrap(), k.csr()),
          415, "content type must be application/pkcs10", "application/x-www-form-urlencoded"),
     Case("no client certificate", "simpleenroll", lambda k: (None, k.csr()),
-         401, "no client certificate"),
+         401, "no client certificate", audited=False),
     Case("re-enrollment reusing the old key", "simplereenroll",
          lambda k: (lambda op: (op, k.csr(op.private_key)))(k.operational()),
          403, "re-enrollment must use a new key"),
@@ -170,6 +173,10 @@ def test_refusal(case: Case, est_server: ESTServer, factory_ca: pki.Authority, t
         assert new_rows == []  # no HTTP request ever reached the application
         return
     assert (reply.status, case.reason in reply.text) == (case.status, True), reply.text
+    assert ("WWW-Authenticate" in reply.headers) == (reply.status == 401)
+    if not case.audited:
+        assert new_rows == []
+        return
     [row] = new_rows
     assert (row.decision, row.status, row.reason) == ("refused", case.status, reply.text)
     assert row.device_id == (device_id if identity is not None else None)

@@ -113,8 +113,8 @@ def test_enroll_then_reenroll_with_curl_and_openssl(
     with est_server.registry() as registry:
         records = registry.certificates(boot.device_id)
         assert [(r.kind, r.status) for r in records] == [
-            (CertKind.BOOTSTRAP, "issued"), (CertKind.OPERATIONAL, "issued"),
-            (CertKind.OPERATIONAL, "issued")]
+            (CertKind.BOOTSTRAP, "issued"), (CertKind.OPERATIONAL, "revoked"),
+            (CertKind.OPERATIONAL, "issued")]  # the renewal superseded the first
         assert [e.decision for e in registry.audit_log(boot.device_id)] == \
             ["allowlisted", "issued", "issued"]
 

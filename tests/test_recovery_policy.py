@@ -20,7 +20,7 @@ from provisioning.enrollment import (
     decide,
 )
 from provisioning.errors import EnrollmentRefused
-from provisioning.registry import DeviceState
+from provisioning.registry import DeviceState, IssuanceKind
 
 from .test_est_policy import (
     ACTIVE,
@@ -52,8 +52,8 @@ def recover(request: object = None, records: Records = FACTS, policy: Policy = D
 
 def test_an_expired_latest_certificate_within_grace_recovers_and_is_superseded() -> None:
     decision = recover()
-    assert (decision.outcome, decision.status, decision.supersede) == \
-        (Outcome.ISSUE, 200, (EXPIRED_RECORD.serial,))
+    assert (decision.outcome, decision.status, decision.supersede, decision.issuance) == \
+        (Outcome.ISSUE, 200, (EXPIRED_RECORD.serial,), IssuanceKind.RECOVER)
     assert decision.reason == (f"recovered: certificate {EXPIRED_RECORD.serial} expired 2d ago "
                                "(grace 90d) and is superseded")
 
@@ -95,11 +95,13 @@ class TestBootstrapReenrollment:
     again = Records(device=ACTIVE, latest_serial="abc", unexpired_serials=("abc",))
 
     def test_a_first_enrollment_is_plainly_issued(self) -> None:
-        assert enroll() == Decision(Outcome.ISSUE, 200, "issued", "dev-1")
+        assert enroll() == Decision(Outcome.ISSUE, 200, "issued", "dev-1",
+                                    issuance=IssuanceKind.ENROLL)
 
     def test_an_enrolled_active_device_starts_over_and_supersedes_what_it_had(self) -> None:
         decision = enroll(records=self.again)
-        assert (decision.status, decision.supersede) == (200, ("abc",))
+        assert (decision.status, decision.supersede, decision.issuance) == \
+            (200, ("abc",), IssuanceKind.BOOTSTRAP_REENROLL)
         assert decision.reason.startswith("re-enrolled with bootstrap: device dev-1 was already")
 
     def test_never_means_403(self) -> None:

@@ -14,8 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from provisioning import pki
 from provisioning.errors import RegistryError
 from provisioning.registry import (
+    SCHEMA_VERSION,
+    AuditEntry,
     CertKind,
     DeviceState,
+    IssuanceKind,
     Registry,
     open_registry,
     public_key_fingerprint,
@@ -54,7 +57,7 @@ def test_the_database_is_wal_with_a_schema_version(tmp_path: Path) -> None:
         pass
     db = sqlite3.connect(tmp_path / "r.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     db.close()
 
 
@@ -175,3 +178,257 @@ def test_suspension_is_recorded_and_decommissioning_is_final(
         registry.set_state("dev-1", DeviceState.ACTIVE)
     with pytest.raises(RegistryError, match="no device"):
         registry.set_state("ghost", DeviceState.ACTIVE)
+
+
+# --- issuances: the budgets' record ------------------------------------------------------
+
+
+def operational(device_ca: pki.Authority, device_id: str = "dev-1",
+                serial: int | None = None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    if serial is None:
+        return device_ca.issue_client(device_id, key, DAY)
+    return with_serial(device_ca, device_ca.issue_client(device_id, key, DAY), serial)
+
+
+def with_serial(authority: pki.Authority, cert: x509.Certificate,
+                serial: int) -> x509.Certificate:
+    """``cert`` signed again by ``authority`` with the serial given."""
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(serial)
+               .not_valid_before(cert.not_valid_before_utc)
+               .not_valid_after(cert.not_valid_after_utc))
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    return authority.sign(builder)
+
+
+def test_an_issuance_is_recorded_with_its_certificate_and_what_it_supersedes(
+    registry: Registry, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+    first, second = operational(device_ca), operational(device_ca)
+    registry.record_issuance("dev-1", first, IssuanceKind.ENROLL)
+    registry.record_issuance("dev-1", second, IssuanceKind.RENEW,
+                             supersede=(serial_hex(first.serial_number),))
+    issuer = device_ca.name.rfc4514_string()
+    assert [(i.device_id, i.kind, i.issuer, i.serial) for i in registry.issuances("dev-1")] == [
+        ("dev-1", IssuanceKind.ENROLL, issuer, serial_hex(first.serial_number)),
+        ("dev-1", IssuanceKind.RENEW, issuer, serial_hex(second.serial_number))]
+    old, new = (registry.certificate(c.serial_number) for c in (first, second))
+    assert old is not None and (old.status, old.revocation_reason) == ("revoked", "superseded")
+    assert new is not None and (new.kind, new.status) == (CertKind.OPERATIONAL, "issued")
+
+
+def test_an_issuance_that_cannot_be_recorded_leaves_no_row(
+    registry: Registry, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    for device_id in ("dev-1", "dev-2"):
+        registry.register_device(device_id, bootstrap(factory, device_id))
+    cert = operational(device_ca)
+    registry.record_issuance("dev-1", cert, IssuanceKind.ENROLL)
+    with pytest.raises(RegistryError, match="already recorded for dev-1"):
+        registry.record_issuance("dev-2", cert, IssuanceKind.ENROLL)
+    assert registry.issuances("dev-2") == [] and len(registry.issuances()) == 1
+
+
+def test_budgets_count_issuances_of_their_kind_not_audit_text(
+    registry: Registry, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+    now = dt.datetime.now(dt.UTC)
+    hour = dt.timedelta(hours=1)
+    for kind, at in ((IssuanceKind.RECOVER, now - 30 * hour), (IssuanceKind.RECOVER, now - hour),
+                     (IssuanceKind.RENEW, now - hour), (IssuanceKind.RECOVER, now)):
+        registry.record_issuance("dev-1", operational(device_ca), kind, when=at)
+    with registry.transaction():  # what the old count matched on, reworded or not
+        registry.audit(AuditEntry("recovery", "issued", "recovered: expired 2h ago", "dev-1"))
+        registry.audit(AuditEntry("recovery", "issued", "came back from the warehouse", "dev-1"))
+    assert len(registry.issued_since("dev-1", IssuanceKind.RECOVER, now - DAY)) == 2
+    assert len(registry.issued_since("dev-1", IssuanceKind.RENEW, now - DAY)) == 1
+    assert registry.issued_since("dev-1", IssuanceKind.BOOTSTRAP_REENROLL, now - DAY) == ()
+
+
+def test_issuances_are_append_only(registry: Registry, factory: pki.Authority,
+                                   device_ca: pki.Authority, tmp_path: Path) -> None:
+    registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+    registry.record_issuance("dev-1", operational(device_ca), IssuanceKind.RENEW)
+    db = sqlite3.connect(tmp_path / "registry.sqlite3")
+    for statement in ("UPDATE issuances SET kind = 'enroll'", "DELETE FROM issuances"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute(statement)
+    db.close()
+
+
+# --- certificates are named by (issuer, serial) -------------------------------------------
+
+SHARED = 0x5EED
+
+
+@pytest.fixture
+def twins(registry: Registry, factory: pki.Authority,
+          device_ca: pki.Authority) -> tuple[x509.Certificate, x509.Certificate]:
+    """A bootstrap and an operational certificate of dev-1 with the same serial."""
+    boot = with_serial(factory, bootstrap(factory, "dev-1"), SHARED)
+    registry.register_device("dev-1", boot)
+    op = operational(device_ca, serial=SHARED)
+    with registry.transaction():
+        registry.record_certificate("dev-1", op, CertKind.OPERATIONAL)
+    return boot, op
+
+
+def test_the_same_serial_from_two_issuers_is_two_certificates(
+    registry: Registry, twins: tuple[x509.Certificate, x509.Certificate],
+) -> None:
+    boot, op = twins
+    assert registry.count_certificates() == 2
+    by_factory, by_device = (registry.certificate(SHARED, c.issuer) for c in twins)
+    assert by_factory is not None and by_factory.kind is CertKind.BOOTSTRAP
+    assert by_device is not None and by_device.kind is CertKind.OPERATIONAL
+    assert (by_factory.issuer, by_device.issuer) == \
+        (boot.issuer.rfc4514_string(), op.issuer.rfc4514_string())
+
+
+def test_a_serial_two_issuers_used_needs_the_issuer(
+    registry: Registry, twins: tuple[x509.Certificate, x509.Certificate],
+) -> None:
+    with pytest.raises(RegistryError, match="issued by 2 CAs"):
+        registry.certificate(SHARED)
+    with pytest.raises(RegistryError, match="issued by 2 CAs"):
+        registry.revoke(SHARED, x509.ReasonFlags.key_compromise)
+
+
+def test_revoking_or_superseding_one_leaves_the_other_issuers_certificate(
+    registry: Registry, twins: tuple[x509.Certificate, x509.Certificate],
+) -> None:
+    boot, op = twins
+    registry.revoke(SHARED, x509.ReasonFlags.key_compromise, issuer=op.issuer)
+    with registry.transaction():
+        registry.supersede((serial_hex(SHARED),), issuer=boot.issuer)
+    statuses = {r.kind: (r.status, r.revocation_reason) for r in registry.certificates("dev-1")}
+    assert statuses == {CertKind.OPERATIONAL: ("revoked", "keyCompromise"),
+                        CertKind.BOOTSTRAP: ("revoked", "superseded")}
+    assert [(e.serial, e.reason) for e in registry.revocations()] == \
+        [(SHARED, x509.ReasonFlags.key_compromise)]
+
+
+# --- a registry from schema version 1 -------------------------------------------------------
+
+# Version 1's tables, as provisioning/registry.py created them before the issuances table.
+SCHEMA_1 = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'decommissioned')),
+        bootstrap_fingerprint TEXT,
+        created TEXT NOT NULL,
+        updated TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices (device_id),
+        kind TEXT NOT NULL CHECK (kind IN ('bootstrap', 'operational')),
+        not_before TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        public_key_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('issued', 'revoked')),
+        revocation_reason TEXT,
+        revoked_at TEXT,
+        recorded TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id)",
+    "CREATE INDEX IF NOT EXISTS certificates_by_status ON certificates (status, kind)",
+    """CREATE TABLE IF NOT EXISTS pending (
+        device_id TEXT PRIMARY KEY,
+        bootstrap_fingerprint TEXT NOT NULL,
+        bootstrap_pem TEXT NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('pending', 'approved', 'rejected')),
+        requests INTEGER NOT NULL,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        device_id TEXT,
+        action TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL,
+        peer_serial TEXT,
+        issued_serial TEXT)""",
+    "CREATE INDEX IF NOT EXISTS audit_by_device ON audit (device_id)",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+)
+
+# dev-1's history in version 1: (audit action, decision, reason, issued serial, kind, status).
+HISTORY_1 = (
+    ("register", "allowlisted", "bootstrap certificate recorded", "b0", "bootstrap", "issued"),
+    ("simpleenroll", "issued", "issued", "a1", "operational", "revoked"),
+    ("simplereenroll", "issued", "issued", "a2", "operational", "revoked"),
+    ("simplereenroll", "refused", "re-enrollment must use a new key", None, None, None),
+    ("simpleenroll", "issued", "starting over (any wording)", "a3", "operational", "revoked"),
+    ("recovery", "issued", "brought back", "a4", "operational", "issued"),
+)
+
+
+def schema_1_registry(path: Path) -> None:
+    db = sqlite3.connect(path)
+    for statement in SCHEMA_1:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.execute("INSERT INTO devices VALUES ('dev-1', 'active', 'ff', '2025', '2025')")
+    for hour, (action, decision, reason, serial, kind, status) in enumerate(HISTORY_1):
+        at = f"2025-01-01T{hour:02d}:00:00.000+00:00"
+        if serial is not None:
+            db.execute("INSERT INTO certificates VALUES (?, 'dev-1', ?, ?, '2099', 'k', ?, ?, ?,"
+                       " ?)", (serial, kind, at, status, "superseded" if status == "revoked"
+                               else None, at if status == "revoked" else None, at))
+        db.execute("INSERT INTO audit (at, device_id, action, decision, reason, issued_serial)"
+                   " VALUES (?, 'dev-1', ?, ?, ?, ?)", (at, action, decision, reason, serial))
+    db.commit()
+    db.close()
+
+
+def test_a_schema_1_registry_is_migrated_and_keeps_its_certificates(tmp_path: Path) -> None:
+    schema_1_registry(tmp_path / "old.db")
+    with open_registry(tmp_path / "old.db") as registry:
+        certificates = registry.certificates("dev-1")
+        audit = registry.audit_log("dev-1")
+    assert [(c.serial, c.kind.value, c.status, c.issuer) for c in certificates] == \
+        [(serial, kind, status, "") for _, _, _, serial, kind, status in HISTORY_1 if serial]
+    assert len(audit) == len(HISTORY_1)
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    key = sorted((row[5], row[1]) for row in db.execute("PRAGMA table_info(certificates)")
+                 if row[5])
+    assert key == [(1, "issuer"), (2, "serial")]
+    db.close()
+
+
+def test_a_schema_1_registry_gets_its_issuances_from_the_audit_rows(tmp_path: Path) -> None:
+    schema_1_registry(tmp_path / "old.db")
+    with open_registry(tmp_path / "old.db") as registry:
+        issuances = [(i.kind, i.serial, i.at[11:13]) for i in registry.issuances("dev-1")]
+        recent = registry.issued_since("dev-1", IssuanceKind.BOOTSTRAP_REENROLL,
+                                       dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
+    assert issuances == [(IssuanceKind.ENROLL, "a1", "01"), (IssuanceKind.RENEW, "a2", "02"),
+                         (IssuanceKind.BOOTSTRAP_REENROLL, "a3", "04"),
+                         (IssuanceKind.RECOVER, "a4", "05")]
+    assert recent == (dt.datetime(2025, 1, 1, 4, tzinfo=dt.UTC),)
+
+
+def test_schema_1_certificates_are_named_by_the_cas_that_know_them(
+    tmp_path: Path, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    schema_1_registry(tmp_path / "old.db")
+    with open_registry(tmp_path / "old.db") as registry:
+        named = registry.adopt_issuers({CertKind.BOOTSTRAP: factory.name,
+                                        CertKind.OPERATIONAL: device_ca.name})
+        assert named == 5 and registry.adopt_issuers({CertKind.BOOTSTRAP: factory.name}) == 0
+        boot, recovered = registry.certificate("b0", factory.name), \
+            registry.certificate("a4", device_ca.name)
+        issuers = {i.issuer for i in registry.issuances("dev-1")}
+    assert boot is not None and boot.kind is CertKind.BOOTSTRAP
+    assert recovered is not None and recovered.status == "issued"
+    assert issuers == {device_ca.name.rfc4514_string()}
