@@ -293,7 +293,7 @@ class Agent:
             return lambda: self.enroller.enroll()
         if work is Work.BOOTSTRAP:
             return lambda: self.enroller.enroll(attempts=1)
-        return self.enroller.server_time  # CLOCK, EXPIRY_CHECK
+        return self.enroller.server_time  # CLOCK, EXPIRY_CHECK, DUE_CHECK
 
     def _spawn(self, work: Work) -> None:
         job = self._job(work)

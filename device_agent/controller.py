@@ -49,6 +49,7 @@ class Work(enum.Enum):
     BOOTSTRAP = "bootstrap"
     CLOCK = "clock"  # the EST server's Date, because the system clock is implausible
     EXPIRY_CHECK = "expiry-check"  # the EST server's Date, because the broker said "expired"
+    DUE_CHECK = "due-check"  # the EST server's Date, before renewing what an earlier run got
 
     @property
     def issues(self) -> bool:
@@ -219,6 +220,7 @@ class Controller:
         self._refused: dict[int, int] = {}  # serial rolled back to -> refused switches
         self._obtained: dict[int, float] = {}  # serial -> monotonic time we obtained it
         self._ahead_reported: set[int] = set()
+        self._due_verdict: tuple[int | None, dt.timedelta, float] | None = None
         self._retry_at = 0.0
         self._failures = 0
         self._switch_deadline: float | None = None
@@ -258,6 +260,10 @@ class Controller:
         if isinstance(outcome, TimeTold):
             if outcome.work is Work.EXPIRY_CHECK:
                 self._judge_expiry(outcome.server_now, out)
+            elif outcome.work is Work.DUE_CHECK:
+                told = outcome.server_now
+                offset = told - self.clock.wall() if told else dt.timedelta()
+                self._due_verdict = (self._asked_about, offset, self.clock.monotonic())
             else:
                 self._take_time(outcome.server_now, out)
         elif isinstance(outcome, Issued):
@@ -336,6 +342,18 @@ class Controller:
         if self._renew_requested:
             self._renew_requested = False
             action = Action.RENEW if action is Action.NONE else action
+        elif action is Action.RENEW and cert.serial not in self._obtained:
+            due = self._due_verdict
+            if due is None or due[0] != cert.serial or \
+                    self.clock.monotonic() - due[2] > self.settings.expiry_recheck:
+                # obtained before this run: no elapsed time to check a fast clock against
+                self._asked_about = cert.serial
+                self._begin(Work.DUE_CHECK, out)
+                return
+            server_now = self.clock.wall() + due[1]
+            if decide(cert.validity, server_now, self.settings.policy,
+                      jitter_draw(cert.serial)) is Action.NONE:
+                action = Action.NONE
         if self._bootstrap_fallback:
             action = Action.RECOVER  # the EST server disowned this credential: re-enroll now
         if action is Action.RECOVER and self._renew_instead and not self._bootstrap_fallback:

@@ -440,7 +440,7 @@ def test_a_restart_with_work_in_flight_starts_it_again(phase_work: Work) -> None
 def test_a_restarted_device_whose_clock_runs_ahead_does_not_renew_early() -> None:
     """A fast clock survives restarts; each restart used to renew again (a storm)."""
     world = World()
-    for restart in range(5):
+    for _ in range(5):
         ctl = controller(world)
         ctl.start(credential(1, REAL - HOUR), None)
         world.step(REAL + 4 * HOUR)  # the clock says renew; the true time is REAL
