@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provisioning import pki
+from provisioning.est_wire import _oid as oid
+from provisioning.est_wire import _tlv as tlv
 
 from .est_support import (
     ESTServer,
@@ -43,27 +45,8 @@ CSR_TYPE = "application/pkcs10"
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
-# --- DER, enough to assemble a CertificationRequest (RFC 2986) by hand ----------------------
-
-
-def tlv(tag: int, value: bytes) -> bytes:
-    if len(value) < 0x80:
-        return bytes([tag, len(value)]) + value
-    size = len(value).to_bytes((len(value).bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + value
-
-
-def oid(dotted: str) -> bytes:
-    first, second, *rest = (int(part) for part in dotted.split("."))
-    body = bytearray([first * 40 + second])
-    for arc in rest:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body.extend(reversed(chunk))
-    return tlv(0x06, bytes(body))
+# --- DER, enough to assemble a CertificationRequest (RFC 2986) by hand (est_wire's own
+# TLV and OID encoders, which write the CsrAttrs answer) -------------------------------------
 
 
 def seq(*parts: bytes) -> bytes:
