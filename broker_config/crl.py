@@ -26,8 +26,6 @@ serialises read, compare and replace, and the replace is atomic.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from device_agent._files import exclusive_lock
+from device_agent.errors import FileStoreError
 from provisioning.errors import ProvisioningError
 from provisioning.registry import open_registry
 
@@ -167,16 +167,9 @@ def registry_expiries(path: Path) -> ExpiryLookup:
 
 @contextmanager
 def crl_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for a read-compare-replace.
-
-    Opened read-only: whoever created the file, any user may take the lock.
-    """
+    """Hold the broker's CRL lock for a read-compare-replace (``_files.exclusive_lock``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise BrokerConfigError(f"cannot open the lock file {path}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        with exclusive_lock(path):
+            yield
+    except FileStoreError as exc:
+        raise BrokerConfigError(str(exc)) from exc

@@ -191,7 +191,7 @@ def current_crl(paths: pki.PKIPaths, registry: Path | None,
         except ProvisioningError as exc:
             raise BrokerConfigError(f"cannot read the registry {registry}: {exc}") from exc
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    crl = pki.build_crl(authority, revocations, None, now, pki.CRL_LIFETIME)
+    crl = pki.build_crl(authority, revocations, None, now, pki.crl_lifetime(paths))
     return crl.public_bytes(serialization.Encoding.PEM)
 
 

@@ -114,9 +114,20 @@ def block_commands(device_id: str) -> list[dict[str, Any]]:
         {"command": "deleteClient", "username": device_id},
         {"command": "createClient", "username": device_id,
          "roles": [{"rolename": REVOKED_ROLE, "priority": 1000}],
-         "textdescription": "revoked certificate"},
+         "textdescription": "device not active in the registry"},
         {"command": "disableClient", "username": device_id},
     ]
+
+
+def end_commands(device_id: str) -> list[dict[str, Any]]:
+    """End ``device_id``'s live sessions and leave nothing behind (its CRL keeps the
+    revoked certificate out; a certificate it gets later works)."""
+    return block_commands(device_id) + lift_commands(device_id)
+
+
+def lift_commands(device_id: str) -> list[dict[str, Any]]:
+    """Forget ``device_id`` in the plugin: the ACL file decides for it again."""
+    return [{"command": "deleteClient", "username": device_id}]
 
 
 _TOLERATED = {"createRole": "Role already exists", "deleteClient": "Client not found"}
@@ -128,26 +139,46 @@ def admin_credentials(layout: BrokerLayout) -> AdminCredentials:
                             layout.server_trust)
 
 
-def kick(layout: BrokerLayout, device_id: str, timeout: float = 5.0) -> None:
-    """End every live session of ``device_id`` and leave it a deny-all role."""
+def run_commands(layout: BrokerLayout, device_id: str, commands: list[dict[str, Any]],
+                 timeout: float = 5.0) -> None:
+    """Send ``commands`` about ``device_id`` in one admin session; raise on any error."""
     creds = admin_credentials(layout)
     try:
         with admin_session(creds, Manifest.read(layout).admin_identity, timeout) as session:
-            replies = session.run(block_commands(device_id), timeout)
+            replies = session.run(commands, timeout)
     except BrokerConfigError as exc:
-        raise RevocationError(f"kick of {device_id} failed: {exc}", "kick") from exc
+        raise RevocationError(f"dynsec commands for {device_id} failed: {exc}", "kick") from exc
     for reply in replies:
         if reply.error and reply.error != _TOLERATED.get(reply.command):
             raise RevocationError(f"{reply.command} for {device_id}: {reply.error}", "kick")
 
 
+def kick(layout: BrokerLayout, device_id: str, timeout: float = 5.0) -> None:
+    """End every live session of ``device_id`` and leave it a deny-all role (a ban)."""
+    run_commands(layout, device_id, block_commands(device_id), timeout)
+
+
+def lift(broker_dir: Path, device_id: str, timeout: float = 5.0) -> None:
+    """Lift ``device_id``'s ban on the broker in ``broker_dir``; a no-op without one."""
+    run_commands(BrokerLayout(Path(broker_dir)), device_id, lift_commands(device_id), timeout)
+
+
+def ban(broker_dir: Path, device_id: str, timeout: float = 5.0) -> None:
+    """Ban ``device_id`` (deny-all, sessions ended) without touching the CRL: a suspension."""
+    kick(BrokerLayout(Path(broker_dir)), device_id, timeout)
+
+
 def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | None = None,
-            timeout: float = 5.0, expiries: ExpiryLookup | None = None) -> Enforcement:
+            timeout: float = 5.0, expiries: ExpiryLookup | None = None,
+            keep_banned: bool = True) -> Enforcement:
     """Make a revocation bite on the broker rendered in ``broker_dir``.
 
     Installs ``crl_pem`` (the Device CA's CRL listing the revoked certificate,
     ``serial`` if given), reloads the broker so new handshakes meet it, then
-    ends the device's live sessions. Safe to repeat with the same CRL.
+    ends the device's live sessions; ``keep_banned`` leaves the device a
+    deny-all role until :func:`lift` (a device no longer active), otherwise
+    nothing stays behind (one certificate revoked, the device still active).
+    Safe to repeat with the same CRL.
     ``expiries`` tells pruned entries from un-revoked ones (``crl.accept_crl``).
     Raises ``RevocationError`` whose ``step`` says how far it got.
     """
@@ -155,7 +186,8 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
     layout = BrokerLayout(Path(broker_dir))
     crl, _ = replace_crl(layout, crl_pem, serial, expiries=expiries)
     pid = reload_broker(layout)
-    kick(layout, device_id, timeout)
+    run_commands(layout, device_id,
+                 block_commands(device_id) if keep_banned else end_commands(device_id), timeout)
     return Enforcement(device_id, crl_number(crl), pid, time.monotonic() - started)
 
 

@@ -220,6 +220,7 @@ class Controller:
         self._refused: dict[int, int] = {}  # serial rolled back to -> refused switches
         self._obtained: dict[int, float] = {}  # serial -> monotonic time we obtained it
         self._ahead_reported: set[int] = set()
+        self._refusal_judged: set[int] = set()  # serials the EST server was asked about
         self._due_verdict: tuple[int | None, dt.timedelta, float] | None = None
         self._retry_at = 0.0
         self._failures = 0
@@ -339,6 +340,13 @@ class Controller:
                 action = Action.RECOVER
         if action is Action.RENEW and self._switches_refused(cert):
             action = Action.NONE
+        if action is Action.NONE and self._refused_since(cert, link):
+            # revoked since (revoke-device, decommission) or never ours: the EST server
+            # says which; a 403 sends us to the bootstrap certificate
+            self._refusal_judged.add(cert.serial)
+            self._renew_requested = True
+            out.append(Report(f"the broker refuses our certificate ({link.refusal}); asking "
+                              "the EST server whether it still stands"))
         if self._renew_requested:
             self._renew_requested = False
             action = Action.RENEW if action is Action.NONE else action
@@ -384,6 +392,13 @@ class Controller:
                 f"the system clock ({self.clock.wall().isoformat()}) is ahead of the certificate "
                 f"issued {self.clock.monotonic() - obtained:.0f}s ago; not renewing it yet"))
         return True
+
+    def _refused_since(self, cert: Credential, link: LinkView) -> bool:
+        """The broker refuses a credential it was not just handed in a switch (that one's
+        refusal is the switch's to judge): asked once per credential."""
+        return (link.refusal is not None and not link.connected
+                and self._switch_deadline is None and cert.serial not in self._refusal_judged
+                and self.now() < cert.not_after)
 
     def _switches_refused(self, cert: Credential) -> bool:
         return self._refused.get(cert.serial, 0) >= self.settings.refused_switches
@@ -496,6 +511,7 @@ class Controller:
         elif verdict is SwitchVerdict.STAY:
             self._switch_deadline = None
             self.previous = None
+            self._refusal_judged.add(self.current.serial)  # just issued: the server stands by it
             out.append(Report(f"the broker refused credential generation {number} "
                               f"({link.refusal}); keeping it: the previous one is superseded or "
                               "expired"))

@@ -3,12 +3,20 @@
 aiohttp's ``TCPSite`` hands each socket to asyncio's TLS layer, which drops a
 failed or stalled handshake without a word (asyncio logs it in debug mode
 only) and knows no connection limit. A :class:`GuardedListener` accepts plain
-TCP instead, admits the connection against a total and a per-address limit,
+TCP instead, admits the connection against a per-address limit and a total,
 runs the handshake itself (``loop.start_tls``) under a timeout, and only then
 gives the TLS transport to aiohttp. Every refusal on the way, and every refusal
 the HTTP layer makes before a request is tied to a device, is counted by a
 :class:`RefusalLog`, which writes at most one line per kind per interval: a
 flood neither reaches the registry nor fills the disk with log lines.
+
+A full listener does not turn the newcomer away, or idle sockets, however many,
+would keep every device out: it evicts the connection that has been quiet
+longest (no request bytes since it was admitted, or since its last answer). A
+connection with a request in progress is never evicted; when every place holds
+one, the newcomer is refused. The per-address limit refuses the newcomer, so one
+address cannot evict the others. :func:`fit_descriptor_limit` makes sure a
+worker reaches its limit before it runs out of file descriptors.
 
 Limits and counters are per worker process; the kernel spreads connections
 over the workers (SO_REUSEPORT).
@@ -18,13 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import math
+import resource
 import ssl
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
 
 Emit = Callable[..., None]
+# Descriptors a worker needs besides its connections and accept bursts: listening sockets,
+# the registry, the log, the event loop's own.
+DESCRIPTOR_MARGIN = 256
 
 
 class RefusalLog:
@@ -73,6 +86,53 @@ class ConnectionLimits:
     handshake_timeout: float
     max_connections: int
     max_per_peer: int
+    # The listen queue, and as many sockets as asyncio accepts in one go before any of
+    # them is admitted (or evicts another): descriptors a full listener holds on top.
+    backlog: int = 1024
+
+
+def descriptor_plan(soft: int, hard: int, limits: ConnectionLimits,
+                    listeners: int) -> tuple[int, ConnectionLimits]:
+    """The soft RLIMIT_NOFILE to set (never lower than ``soft``, at most ``hard``) and the
+    limits each of ``listeners`` can keep within it, :data:`DESCRIPTOR_MARGIN` to spare;
+    short of room, connections and backlog share what there is."""
+    unlimited = resource.RLIM_INFINITY
+    wanted = listeners * (limits.max_connections + limits.backlog) + DESCRIPTOR_MARGIN
+    target = wanted if hard == unlimited else min(wanted, hard)
+    new_soft = soft if soft == unlimited or soft >= target else target
+    if new_soft == unlimited or new_soft >= wanted:
+        return new_soft, limits
+    each = max(2, (new_soft - DESCRIPTOR_MARGIN) // listeners)
+    backlog = min(limits.backlog, each // 2)
+    connections = min(limits.max_connections, each - backlog)
+    return new_soft, replace(limits, max_connections=connections, backlog=backlog,
+                             max_per_peer=min(limits.max_per_peer, connections))
+
+
+def fit_descriptor_limit(limits: ConnectionLimits, listeners: int,
+                         warn: Emit) -> ConnectionLimits:
+    """Raise this process's soft RLIMIT_NOFILE for ``listeners`` listeners held to
+    ``limits``; the limits that fit, lower only if the hard limit is.
+
+    A worker out of descriptors fails in accept() (EMFILE), and asyncio then stops
+    accepting on that socket for a second, devices included; one held to what fits evicts
+    instead. Called once per worker, so the warning is written once per worker.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new_soft, fitted = descriptor_plan(soft, hard, limits, listeners)
+    if new_soft != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        except (ValueError, OSError):
+            new_soft, fitted = descriptor_plan(soft, soft, limits, listeners)
+    if fitted != limits:
+        warn("descriptor-limit", soft=new_soft, hard=hard, listeners=listeners,
+             max_connections=limits.max_connections, connections=fitted.max_connections,
+             backlog=fitted.backlog,
+             reason=f"RLIMIT_NOFILE holds {fitted.max_connections} connections per listener, "
+                    f"not max_connections = {limits.max_connections}: raise the hard limit "
+                    "(LimitNOFILE= in the unit, ulimit -Hn)")
+    return fitted
 
 
 class GuardedListener:
@@ -80,21 +140,27 @@ class GuardedListener:
 
     def __init__(self, name: str, context: ssl.SSLContext,
                  app_factory: Callable[[], asyncio.Protocol], limits: ConnectionLimits,
-                 refusals: RefusalLog) -> None:
+                 refusals: RefusalLog, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.context = context
         self.app_factory = app_factory
         self.limits = limits
         self.refusals = refusals
-        self.open = 0
+        self.clock = clock
         self.by_peer: Counter[str] = Counter()
+        self._quiet: OrderedDict[_Slot, None] = OrderedDict()  # quiet longest first
+        self._busy: set[_Slot] = set()  # a request in progress: never evicted
         self._server: asyncio.AbstractServer | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, backlog: int = 1024) -> None:
+    @property
+    def open(self) -> int:
+        return len(self._quiet) + len(self._busy)
+
+    async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Accept(self), host, port,
-                                                reuse_port=True, backlog=backlog)
+                                                reuse_port=True, backlog=self.limits.backlog)
 
     def close(self) -> None:
         """Stop accepting and drop unfinished handshakes; aiohttp closes the rest."""
@@ -103,33 +169,61 @@ class GuardedListener:
         for task in list(self._handshakes):
             task.cancel()
 
-    def admit(self, transport: asyncio.Transport) -> None:
+    def admit(self, transport: asyncio.Transport) -> _Slot | None:
+        """A place for a new connection, or None: refused, aborted and counted."""
         peername = transport.get_extra_info("peername")
         peer = str(peername[0]) if peername else "unknown"
-        limits = self.limits
-        full = ("connection-limit" if self.open >= limits.max_connections
-                else "peer-connection-limit" if self.by_peer[peer] >= limits.max_per_peer
-                else None)
-        if full is not None:
-            self.refusals.note(full, listener=self.name, peer=peer, open=self.open,
+        refusal = None
+        if self.by_peer[peer] >= self.limits.max_per_peer:
+            refusal = "peer-connection-limit"
+        elif self.open >= self.limits.max_connections and not self._evict(peer):
+            refusal = "connection-limit"
+        if refusal is not None:
+            self.refusals.note(refusal, listener=self.name, peer=peer, open=self.open,
                                from_peer=self.by_peer[peer])
             transport.abort()
-            return
-        self.open += 1
+            return None
+        slot = _Slot(self, peer, transport, self.clock())
+        self._quiet[slot] = None
         self.by_peer[peer] += 1
-        slot = _Slot(self, peer)
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, peer, slot))
+        return slot
+
+    def _evict(self, newcomer: str) -> bool:
+        if not self._quiet:
+            return False
+        victim = next(iter(self._quiet))
+        self.refusals.note("connection-evicted", listener=self.name, peer=victim.peer,
+                           newcomer=newcomer, quiet_for=round(self.clock() - victim.since, 3),
+                           open=self.open)
+        victim.evict()
+        return True
+
+    def handshake(self, slot: _Slot) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(slot))
+        slot.task = task
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    def release(self, peer: str) -> None:
-        self.open -= 1
-        self.by_peer[peer] -= 1
-        if self.by_peer[peer] <= 0:
-            del self.by_peer[peer]
+    def spoke(self, slot: _Slot) -> None:
+        self._quiet.pop(slot, None)
+        self._busy.add(slot)
 
-    async def _handshake(self, transport: asyncio.Transport, peer: str, slot: _Slot) -> None:
-        connection = _Connection(self.app_factory, slot.release)
+    def answered(self, slot: _Slot) -> None:
+        self._busy.discard(slot)
+        self._quiet[slot] = None
+        self._quiet.move_to_end(slot)
+        slot.since = self.clock()
+
+    def release(self, slot: _Slot) -> None:
+        self._quiet.pop(slot, None)
+        self._busy.discard(slot)
+        self.by_peer[slot.peer] -= 1
+        if self.by_peer[slot.peer] <= 0:
+            del self.by_peer[slot.peer]
+
+    async def _handshake(self, slot: _Slot) -> None:
+        transport = slot.transport
+        connection = _Connection(self.app_factory, slot)
         timeout = self.limits.handshake_timeout
         kind, reason = "tls-dropped", "closed during the handshake"
         try:
@@ -154,23 +248,45 @@ class GuardedListener:
         if tls is None or connection.lost:
             transport.abort()
             slot.release()
-            self.refusals.note(kind, listener=self.name, peer=peer, reason=reason)
+            self.refusals.note(kind, listener=self.name, peer=slot.peer, reason=reason)
             return
+        slot.transport = tls
         connection.connection_made(tls)
 
 
 class _Slot:
-    """A place in the listener's counts, given back exactly once."""
+    """One admitted connection: its place in the listener's counts and eviction order,
+    given back exactly once, and how to end it."""
 
-    def __init__(self, listener: GuardedListener, peer: str) -> None:
-        self._listener = listener
-        self._peer = peer
-        self._held = True
+    def __init__(self, listener: GuardedListener, peer: str, transport: asyncio.Transport,
+                 since: float) -> None:
+        self.listener = listener
+        self.peer = peer
+        self.transport = transport  # TCP until the handshake is done, then TLS
+        self.since = since  # admitted, or last answered
+        self.task: asyncio.Task[None] | None = None
+        self.held = True
+
+    def spoke(self) -> None:
+        if self.held:
+            self.listener.spoke(self)
+
+    def answered(self) -> None:
+        if self.held:
+            self.listener.answered(self)
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._listener.release(self._peer)
+        if self.held:
+            self.held = False
+            self.listener.release(self)
+
+    def evict(self) -> None:
+        """Give the place back now and close the connection (asyncio closes its socket on
+        the loop's next turn)."""
+        self.release()
+        if self.task is not None:
+            self.task.cancel()  # a handshake under way; nothing once it is done
+        self.transport.abort()
 
 
 class _Accept(asyncio.Protocol):
@@ -182,32 +298,36 @@ class _Accept(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # the ClientHello is for the TLS layer, not for us
-        self.listener.admit(transport)
+        slot = self.listener.admit(transport)
+        if slot is not None:
+            self.listener.handshake(slot)
 
 
 class _Connection(asyncio.Protocol):
-    """Between the TLS layer and aiohttp: gives the slot back when the connection ends.
+    """Between the TLS layer and aiohttp: request bytes make the connection busy, an answer
+    quiet again; gives the slot back when the connection ends.
 
     The TLS layer may pass on request bytes that arrived with the handshake's
     last flight before :meth:`connection_made` is called; they wait here.
     """
 
-    def __init__(self, app_factory: Callable[[], asyncio.Protocol],
-                 release: Callable[[], None]) -> None:
+    def __init__(self, app_factory: Callable[[], asyncio.Protocol], slot: _Slot) -> None:
         self._app_factory = app_factory
-        self._release = release
+        self._slot = slot
         self._app: asyncio.Protocol | None = None
         self._early: list[bytes] = []
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         app = self._app = self._app_factory()
-        app.connection_made(transport)
+        app.connection_made(_Answering(transport, self._slot.answered))
         for data in self._early:
             app.data_received(data)
         self._early.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._slot.spoke()
         if self._app is None:
             self._early.append(data)
         else:
@@ -226,6 +346,66 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._release()
+        self._slot.release()
         if self._app is not None:
             self._app.connection_lost(exc)
+
+
+class _Answering(asyncio.Transport):
+    """The TLS transport as aiohttp sees it: whatever aiohttp writes answers the request in
+    progress, which tells the listener the connection is quiet again (and evictable)."""
+
+    def __init__(self, tls: asyncio.Transport, answered: Callable[[], None]) -> None:
+        super().__init__()
+        self._tls = tls
+        self._answered = answered
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        self._answered()
+        self._tls.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview[Any]]) -> None:
+        self._answered()
+        self._tls.writelines(list_of_data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._tls.is_closing()
+
+    def close(self) -> None:
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._tls.abort()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._tls.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._tls.is_reading()
+
+    def pause_reading(self) -> None:
+        self._tls.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tls.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._tls.get_write_buffer_limits()
+
+    def write_eof(self) -> None:
+        self._tls.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._tls.can_write_eof()

@@ -1,12 +1,15 @@
 """``device-pki``: the operator's command for the CAs, the registry and held requests.
 
-Every command that changes revocation republishes the Device CA's CRL at once,
-so the file the broker reads never lags the registry.
+Every command that changes revocation or a device's state goes through the one
+revocation service (revocation.py): the registry, the Device CA's CRL and each
+``--broker`` change in one call, so the file the broker reads never lags the
+registry and a device's ban follows its state.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 from collections.abc import Sequence
@@ -14,13 +17,15 @@ from pathlib import Path
 
 from cryptography import x509
 
-from broker_config.crl import registry_expiries
-from broker_config.revocation import enforce
-from device_agent.errors import IdentityError
+from device_agent.errors import ConfigError, IdentityError
 
 from . import pki
 from .errors import PKIError
-from .registry import DeviceState, Registry, open_registry, registrar
+from .est_config import parse_duration
+from .registry import open_registry, registrar
+from .revocation import Revocations
+
+BROKER_HELP = "a broker directory (broker-config render) to enforce it on now (repeatable)"
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
@@ -52,23 +57,28 @@ def _device_ca(args: argparse.Namespace) -> pki.Authority:
     return pki.open_authority(_paths(args).device_ca, _passphrase(args))
 
 
-def publish(args: argparse.Namespace, registry: Registry, authority: pki.Authority) -> Path:
-    """Re-sign the Device CA's CRL from the registry's revocations."""
-    target = Path(args.crl) if args.crl else _paths(args).crl
-    pki.publish_crl(authority, registry.revocations(), target)
-    return target
+def revocations(args: argparse.Namespace) -> Revocations:
+    """The revocation service for this PKI, registry, CRL and the ``--broker`` directories."""
+    publishes = args.command not in ("suspend", "activate")
+    return Revocations(_paths(args), _device_ca(args) if publishes else None,
+                       _registry_path(args),
+                       Path(args.crl) if args.crl else None,
+                       [Path(b) for b in getattr(args, "broker", None) or ()])
 
 
 def cmd_init(args: argparse.Namespace) -> str:
     args.pki = args.directory
     try:
         paths = pki.init_pki(args.directory, passphrase=_passphrase(args),
-                             hostnames=args.host or ("localhost", "127.0.0.1"))
+                             hostnames=args.host or ("localhost", "127.0.0.1"),
+                             crl_lifetime=args.crl_lifetime)
     except FileExistsError as exc:
         raise PKIError(str(exc)) from exc
+    service = revocations(args)
     with open_registry(_registry_path(args)) as registry:
-        crl = publish(args, registry, _device_ca(args))
-    return f"PKI in {paths.base}; CRL {crl}; registry {_registry_path(args)}"
+        service.publish(registry)
+    return (f"PKI in {paths.base}; CRL {service.crl_path} (valid "
+            f"{pki.crl_lifetime(paths)}); registry {_registry_path(args)}")
 
 
 def cmd_issue_server(args: argparse.Namespace) -> str:
@@ -77,23 +87,19 @@ def cmd_issue_server(args: argparse.Namespace) -> str:
 
 
 def cmd_revoke(args: argparse.Namespace) -> str:
-    reason = pki.revocation_reason(args.reason)
-    authority = _device_ca(args)
-    with open_registry(_registry_path(args)) as registry:
-        record = registry.revoke(args.serial, reason)
-        crl = publish(args, registry, authority)
-    done = f"revoked {record.serial} of {record.device_id} ({reason.value}); CRL {crl}"
-    for broker in args.broker or ():
-        enforced = enforce(Path(broker), record.device_id, crl.read_bytes(),
-                           serial=int(record.serial, 16),
-                           expiries=registry_expiries(_registry_path(args)))
-        done += f"; broker {broker}: session ended in {enforced.seconds * 1000:.0f} ms"
-    return done
+    return revocations(args).revoke(args.serial, pki.revocation_reason(args.reason)).describe()
+
+
+def cmd_revoke_device(args: argparse.Namespace) -> str:
+    return revocations(args).revoke_device(
+        args.device, pki.revocation_reason(args.reason)).describe()
 
 
 def cmd_crl(args: argparse.Namespace) -> str:
+    service = revocations(args)
     with open_registry(_registry_path(args)) as registry:
-        return str(publish(args, registry, _device_ca(args)))
+        service.publish(registry)
+    return str(service.crl_path)
 
 
 def cmd_register(args: argparse.Namespace) -> str:
@@ -116,17 +122,17 @@ def cmd_pending(args: argparse.Namespace) -> str:
 
 
 def cmd_state(args: argparse.Namespace) -> str:
-    state = {"suspend": DeviceState.SUSPENDED, "activate": DeviceState.ACTIVE,
-             "decommission": DeviceState.DECOMMISSIONED}[args.command]
-    authority = _device_ca(args) if state is DeviceState.DECOMMISSIONED else None
-    with open_registry(_registry_path(args)) as registry:
-        device = registry.set_state(args.device, state)
-        if authority is not None:
-            for record in registry.certificates(args.device):
-                if record.kind == "operational" and not record.revoked:
-                    registry.revoke(record.serial, x509.ReasonFlags.cessation_of_operation)
-            publish(args, registry, authority)
-    return f"{device.device_id} {device.state.value}"
+    service = revocations(args)
+    change = {"suspend": service.suspend, "activate": service.activate,
+              "decommission": service.decommission}[args.command]
+    return change(args.device).describe()
+
+
+def _span(text: str) -> dt.timedelta:
+    try:
+        return parse_duration(text, repr(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parser() -> argparse.ArgumentParser:
@@ -147,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     init = command("init", cmd_init, "create root, Device CA, Factory CA, EST and broker certs")
     init.add_argument("directory")
     init.add_argument("--host", action="append", help="server host name or IP (repeatable)")
+    init.add_argument("--crl-lifetime", type=_span,
+                      help="validity of each CRL (nextUpdate), e.g. 7d (default) or 60s; "
+                           "the refresh timer must run well inside it")
     server = command("issue-server", cmd_issue_server, "issue servers/NAME.pem from the root")
     server.add_argument("name")
     server.add_argument("--host", action="append", required=True, help="repeatable")
@@ -154,8 +163,14 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("serial", help="hexadecimal serial")
     revoke.add_argument("--reason", required=True, choices=sorted(pki.REVOCATION_REASONS),
                         type=lambda text: pki.revocation_reason(text).value)
-    revoke.add_argument("--broker", action="append",
-                        help="a broker directory (broker-config render) to enforce it on now")
+    revoke.add_argument("--broker", action="append", help=BROKER_HELP)
+    device = command("revoke-device", cmd_revoke_device,
+                     "suspend a device, revoke every certificate it could still use, "
+                     "republish the CRL and ban it on --broker")
+    device.add_argument("device")
+    device.add_argument("--reason", required=True, choices=sorted(pki.REVOCATION_REASONS),
+                        type=lambda text: pki.revocation_reason(text).value)
+    device.add_argument("--broker", action="append", help=BROKER_HELP)
     command("crl", cmd_crl, "publish the Device CA's CRL")
     register = command("register", cmd_register, "allowlist a device with its bootstrap cert")
     register.add_argument("device")
@@ -164,11 +179,16 @@ def parser() -> argparse.ArgumentParser:
     command("pending", cmd_pending, "list enrollment requests held for an operator")
     for name, help_text in (("approve", "allowlist a held device"),
                             ("reject", "refuse a held device"),
-                            ("suspend", "refuse the device's enrollments until activated"),
-                            ("activate", "lift a suspension"),
-                            ("decommission", "retire the device and revoke its certificates")):
+                            ("suspend", "refuse the device's enrollments and broker sessions "
+                                        "until activated"),
+                            ("activate", "lift a suspension (and the ban on --broker)"),
+                            ("decommission", "retire the device for good and revoke its "
+                                             "certificates")):
         handler = cmd_decide if name in ("approve", "reject") else cmd_state
-        command(name, handler, help_text).add_argument("device")
+        state = command(name, handler, help_text)
+        state.add_argument("device")
+        if handler is cmd_state:
+            state.add_argument("--broker", action="append", help=BROKER_HELP)
     return top
 
 

@@ -13,7 +13,7 @@ shutdown_timeout = 10
 handshake_timeout = 10    # seconds from connect to a finished TLS handshake
 idle_timeout = 15         # from the handshake or the last answer to a complete request head
 body_timeout = 10         # to receive a request body once its head is in; beyond it 408
-max_connections = 1000    # per worker, open or handshaking; beyond it new ones are dropped
+max_connections = 1000    # per listener and worker; when full, the quietest idle one makes room
 max_connections_per_peer = 256  # per worker and client IP address
 refusal_log_interval = 10 # at most one log line per refusal kind per worker per interval
 
@@ -41,8 +41,12 @@ The connection keys (``handshake_timeout`` to ``refusal_log_interval``) bound
 what a client that never authenticates can hold: a socket that sends nothing
 is closed after ``handshake_timeout``, a TLS connection without a request after
 ``idle_timeout``; ``max_connections_per_peer`` counts by IP address, so a fleet
-behind one NAT address may need it raised. A connection over a limit is dropped
-at accept and counted in the refusal log lines, as are failed TLS handshakes.
+behind one NAT address may need it raised (a newcomer over it is refused). A
+full listener (``max_connections``) makes room for a newcomer by closing the
+connection that has been quiet longest, never one with a request in progress;
+evictions, refusals and failed TLS handshakes are counted in the refusal log
+lines. Each worker raises its file-descriptor limit to fit the connections (or
+lowers them to fit the limit, with one ``descriptor-limit`` warning).
 
 ``renewals_per_day`` bounds how many certificates one credential can obtain by
 renewing (each renewal supersedes the device's older certificates). It must

@@ -44,7 +44,8 @@ from cryptography import x509
 from device_agent.errors import IdentityError
 
 from . import est_config, pki
-from ._est_guard import ConnectionLimits, GuardedListener, RefusalLog
+from ._est_guard import ConnectionLimits, GuardedListener, RefusalLog, fit_descriptor_limit
+from .crl_publisher import CRLPublisher
 from .enrollment import Issuer, Operation, Peer
 from .est_config import ServerConfig
 from .est_service import EnrollmentService, Result
@@ -59,6 +60,7 @@ from .est_wire import (
 )
 from .est_wire import media_type as _media_type
 from .registry import open_registry, serial_hex
+from .revocation import Revocations
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
 # TLS 1.2 suites: forward secret and AEAD only (TLS 1.3 suites are all AEAD). Key exchange
@@ -295,6 +297,7 @@ class Worker:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="registry")
         self.stack = contextlib.ExitStack()
         self.service: EnrollmentService | None = None
+        self.publisher: CRLPublisher | None = None
         self.stopping = asyncio.Event()
         self.refusals = RefusalLog(lambda event, **fields: log_event(event, logging.WARNING,
                                                                      **fields),
@@ -306,8 +309,15 @@ class Worker:
         factory_ca = pki.load_certs(paths.factory_ca / "ca.pem")[0]
         registry = self.stack.enter_context(
             open_registry(self.config.registry, synchronous=self.config.registry_sync))
+        revocations = Revocations(paths, device_ca, self.config.registry)
+        self.publisher = CRLPublisher(
+            lambda: open_registry(self.config.registry, synchronous=self.config.registry_sync),
+            revocations.publish,
+            lambda text: log_event("crl-not-published", logging.ERROR, reason=text))
+        self.stack.callback(self.publisher.close)
         self.service = EnrollmentService(device_ca, factory_ca, registry, self.config.policy,
-                                         self.config.certificate_lifetime)
+                                         self.config.certificate_lifetime,
+                                         superseded=self.publisher.request)
 
     async def run(self, method: str, *args: object) -> Result:
         assert self.service is not None
@@ -334,12 +344,16 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         config = self.config
-        limits = ConnectionLimits(config.handshake_timeout, config.max_connections,
-                                  config.max_connections_per_peer)
         runners: list[web.AppRunner] = []
         guards: list[GuardedListener] = []
         try:
-            for listener in self.listeners():
+            listeners = self.listeners()
+            limits = fit_descriptor_limit(
+                ConnectionLimits(config.handshake_timeout, config.max_connections,
+                                 config.max_connections_per_peer),
+                len(listeners), lambda event, **fields: log_event(event, logging.WARNING,
+                                                                  **fields))
+            for listener in listeners:
                 app = web.Application(client_max_size=config.max_body_bytes)
                 app.add_routes(listener.routes)
                 # keepalive_timeout: from the handshake (or the last answer) to a complete

@@ -8,6 +8,7 @@ registry connection, so the event loop never waits on a database lock.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -41,8 +42,12 @@ class Result:
 
 class EnrollmentService:
     def __init__(self, device_ca: pki.Authority, factory_ca: x509.Certificate,
-                 registry: Registry, policy: Policy, lifetime: dt.timedelta) -> None:
+                 registry: Registry, policy: Policy, lifetime: dt.timedelta,
+                 superseded: Callable[[], None] | None = None) -> None:
+        """``superseded`` is called after a transaction that revoked older certificates
+        commits (the worker's CRL publisher)."""
         self.device_ca = device_ca
+        self.superseded = superseded
         self.factory_ca = factory_ca
         self.registry = registry
         self.policy = policy
@@ -110,14 +115,14 @@ class EnrollmentService:
                 assert decision.issuance is not None
                 certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
                                                           self.lifetime)
-                # No CRL is written here: superseded serials reach the CRL when it is next
-                # published (device-pki crl or revoke, or the refresh timer).
                 self.registry.record_issuance(decision.device_id, certificate,
                                               decision.issuance, decision.supersede, now)
             elif decision.outcome is Outcome.HOLD:
                 assert peer is not None and decision.device_id is not None
                 self.registry.hold(decision.device_id, peer.certificate)
             self.audit(operation, peer, decision, certificate)
+        if certificate is not None and decision.supersede and self.superseded is not None:
+            self.superseded()
         return Result(decision, peer.serial if peer else None, certificate)
 
     def refuse(self, operation: Operation, peer_der: bytes | None, status: int,

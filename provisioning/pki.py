@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import time
-from collections.abc import Iterable, Sequence
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from device_agent._files import write_private
+from device_agent._files import exclusive_lock, write_private
 from device_agent.identity import device_uri, validate_device_id
 
 from .errors import PKIError
@@ -299,6 +300,11 @@ class PKIPaths:
         return self.device_ca / "crl.pem"
 
     @property
+    def crl_settings(self) -> Path:
+        """How long each CRL the Device CA publishes is valid (:func:`crl_lifetime`)."""
+        return self.device_ca / "crl.toml"
+
+    @property
     def registry(self) -> Path:
         """The default registry database, beside the CAs it records issuance of."""
         return self.base / "registry.sqlite3"
@@ -326,11 +332,15 @@ def init_pki(
     *,
     passphrase: bytes | None = None,
     hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
+    crl_lifetime: dt.timedelta | None = None,
 ) -> PKIPaths:
-    """Create the root, the Device CA, the Factory CA and the EST and broker certificates."""
+    """Create the root, the Device CA, the Factory CA and the EST and broker certificates;
+    ``crl_lifetime`` (default :data:`CRL_LIFETIME`) is kept for every later CRL."""
     paths = PKIPaths(Path(directory))
     if (paths.root / "ca.key").exists():
         raise FileExistsError(f"{paths.root} already holds a CA")
+    if crl_lifetime is not None:
+        check_crl_lifetime(crl_lifetime)
     root = new_root("Device Identity Root CA", ROOT_LIFETIME)
     write_authority(paths.root, root, passphrase)
     device_ca = root.issue_ca("Device CA", ec.generate_private_key(ec.SECP256R1()), CA_LIFETIME)
@@ -338,12 +348,57 @@ def init_pki(
     write_authority(paths.factory_ca, new_root("Factory CA", ROOT_LIFETIME, ecdsa=True), passphrase)
     for name in ("est", "broker"):
         issue_server_files(paths, name, hostnames, passphrase)
+    if crl_lifetime is not None:
+        set_crl_lifetime(paths, crl_lifetime)
     return paths
 
 
 # --- revocation -------------------------------------------------------------------------
 
 CRL_LIFETIME = dt.timedelta(days=7)
+CRL_LIFETIME_RANGE = (dt.timedelta(seconds=10), dt.timedelta(days=366))
+
+
+def check_crl_lifetime(lifetime: dt.timedelta) -> None:
+    low, high = CRL_LIFETIME_RANGE
+    if not low <= lifetime <= high:
+        raise PKIError(f"a CRL lifetime of {lifetime} is outside {low} .. {high}")
+
+
+def set_crl_lifetime(paths: PKIPaths, lifetime: dt.timedelta) -> Path:
+    """Keep ``lifetime`` as the validity of every CRL the Device CA publishes from now on.
+
+    It lives in the PKI directory, not in each publisher's options, so the EST
+    server, ``device-pki`` and the refresh timer can never disagree about it.
+    """
+    check_crl_lifetime(lifetime)
+    text = ("# Validity of each CRL the Device CA publishes (nextUpdate - thisUpdate).\n"
+            "# The broker refuses every device once its CRL is past nextUpdate: the\n"
+            "# refresh (device-crl-refresh.timer) must run well inside this.\n"
+            f"lifetime_seconds = {int(lifetime.total_seconds())}\n")
+    return write_private(paths.crl_settings, text.encode(), 0o644)
+
+
+def crl_lifetime(paths: PKIPaths) -> dt.timedelta:
+    """The PKI's CRL lifetime (:func:`set_crl_lifetime`), :data:`CRL_LIFETIME` if never set."""
+    try:
+        text = paths.crl_settings.read_text()
+    except FileNotFoundError:
+        return CRL_LIFETIME
+    except OSError as exc:
+        raise PKIError(f"cannot read {paths.crl_settings}: {exc.strerror}") from exc
+    try:
+        seconds = tomllib.loads(text)["lifetime_seconds"]
+        if not isinstance(seconds, int) or isinstance(seconds, bool):
+            raise TypeError(seconds)
+    except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise PKIError(f"{paths.crl_settings}: expected lifetime_seconds = <integer>") from exc
+    lifetime = dt.timedelta(seconds=seconds)
+    try:
+        check_crl_lifetime(lifetime)
+    except PKIError as exc:
+        raise PKIError(f"{paths.crl_settings}: {exc}") from exc
+    return lifetime
 
 # removeFromCRL belongs to delta CRLs and certificateHold to a reversible hold; we
 # publish neither (a suspended device is refused by the registry, not the CRL).
@@ -428,7 +483,7 @@ def build_crl(
 
 def publish_crl(
     authority: Authority,
-    revocations: Iterable[Revocation],
+    revocations: Iterable[Revocation] | Callable[[], Iterable[Revocation]],
     path: str | Path,
     lifetime: dt.timedelta = CRL_LIFETIME,
 ) -> x509.CertificateRevocationList:
@@ -440,9 +495,19 @@ def publish_crl(
     the older list in force. A thisUpdate in the future would make OpenSSL
     reject the CRL, so a second publication within the same second waits.
     Entries of certificates that expired before the previous CRL was issued are
-    left out (:func:`still_listed`).
+    left out (:func:`still_listed`). Publishers in several processes (EST
+    workers, ``device-pki``) take turns on a lock beside ``path``, so numbers
+    and thisUpdate only go up; ``revocations`` is called under that lock, so
+    each CRL lists what the registry held when it was signed.
     """
     target = Path(path)
+    with exclusive_lock(target.with_name(target.name + ".lock")):
+        entries = revocations() if callable(revocations) else revocations
+        return _publish(authority, entries, target, lifetime)
+
+
+def _publish(authority: Authority, revocations: Iterable[Revocation], target: Path,
+             lifetime: dt.timedelta) -> x509.CertificateRevocationList:
     number, this_update = 1, _now().replace(microsecond=0)
     previous_this_update: dt.datetime | None = None
     if target.exists():

@@ -288,6 +288,44 @@ def test_a_broker_refusing_every_new_credential_does_not_make_a_renewal_storm() 
     assert ctl.busy is Work.RECOVER
 
 
+def test_a_credential_revoked_while_in_use_goes_back_to_the_bootstrap_not_days_later() -> None:
+    """`revoke-device`: the broker now refuses a credential it admitted. Before, the agent
+    waited for the credential's renewal time (days) before the EST server was asked; now
+    it asks at once, a 403 sends it to the bootstrap certificate, and that is retried
+    until an operator activates the device."""
+    world = World()
+    ctl = running(world)
+    world.wait(60)
+    assert starts(ctl.tick(REFUSED)) == [Work.RENEW]
+    ctl.result(Refused(Work.RENEW, 403, "certificate revoked"))
+    assert starts(ctl.tick(REFUSED)) == [Work.BOOTSTRAP]
+    ctl.result(Refused(Work.BOOTSTRAP, 403, "device revoked-2 is suspended"))
+    assert ctl.phase is Phase.STRANDED
+    retried = []
+    for _ in range(20):
+        world.wait(10)
+        retried += starts(ctl.tick(REFUSED))
+        if retried:
+            break
+    assert retried == [Work.BOOTSTRAP]  # never the revoked credential again
+
+
+def test_a_refusal_is_put_to_the_server_once_per_credential() -> None:
+    """The server stands by the credential (a broker with a wrong CRL, say): no storm."""
+    world = World()
+    ctl = running(world)
+    world.wait(60)
+    assert starts(ctl.tick(REFUSED)) == [Work.RENEW]
+    ctl.result(Issued(Work.RENEW, credential(2, world.wall)))
+    ctl.tick(REFUSED)  # the new one is refused as well: kept, the old one is superseded
+    asked = []
+    for _ in range(360):  # an hour
+        world.wait(10)
+        asked += starts(ctl.tick(REFUSED))
+    assert asked == []
+    assert ctl.current is not None and ctl.current.number == 2
+
+
 # --- expiry and recovery -----------------------------------------------------------------
 
 def test_expired_recovers_through_the_listener() -> None:
