@@ -11,8 +11,14 @@ DEVICE_URI_PREFIX = "urn:device:"
 def validate_device_id(device_id: str) -> str:
     """Device IDs become MQTT usernames and topic levels: no wildcards, no slashes."""
     if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.fullmatch(device_id):
+        # shown short: a CSR's name reaches answers, audit rows and logs from here
+        if not isinstance(device_id, str):
+            shown = f"of type {type(device_id).__name__}"
+        else:
+            shown = repr(device_id[:64]) + (f" (+{len(device_id) - 64} characters)"
+                                            if len(device_id) > 64 else "")
         raise ValueError(
-            f"malformed device ID {device_id!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
+            f"malformed device ID {shown}: 1-64 characters of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )
     return device_id

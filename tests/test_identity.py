@@ -21,3 +21,12 @@ def test_refused_device_ids(device_id: str) -> None:
 
 def test_device_uri_names_the_device() -> None:
     assert device_uri("dev-1") == "urn:device:dev-1"
+
+
+def test_a_huge_name_is_not_echoed_whole() -> None:
+    """A CSR's CN reaches answers, audit rows and logs through this message."""
+    with pytest.raises(ValueError) as refused:
+        validate_device_id("A" * 100_000 + "/")
+    assert len(str(refused.value)) < 300 and "99937 characters" in str(refused.value)
+    with pytest.raises(ValueError):
+        validate_device_id(None)  # type: ignore[arg-type]
