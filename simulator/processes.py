@@ -18,8 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device_agent.errors import IdentityError
+
+if TYPE_CHECKING:
+    from .manufacturer import Manufacturer
 
 
 def debian_packages() -> dict[str, list[str]]:
@@ -197,12 +201,16 @@ class SoftwareTPM:
 
     ``max_transients=3`` makes tpm2-abrmd enforce the kernel resource manager's
     per-connection limit. Without a bus there is no resource manager and
-    ``tcti`` is the raw swtpm one, as on a device that lacks both.
+    ``tcti`` is the raw swtpm one, as on a device that lacks both. With a
+    ``manufacturer``, ``swtpm_setup`` makes the state first: EKs and EK
+    certificates in NV, as a real TPM ships.
     """
 
     def __init__(self, directory: Path, bus: DBusSession | None, name: str = "tpm",
-                 max_transients: int | None = None) -> None:
+                 max_transients: int | None = None,
+                 manufacturer: Manufacturer | None = None) -> None:
         self.directory = directory
+        self.manufacturer = manufacturer  # if set: EKs and EK certificates before first start
         self.bus = bus
         self.port = free_port_pair()
         self.bus_name = f"com.intel.tss2.Tabrmd.{name.replace('-', '_')}{self.port}"
@@ -226,6 +234,8 @@ class SoftwareTPM:
 
     def __enter__(self) -> SoftwareTPM:
         self.state.mkdir(parents=True, exist_ok=True)
+        if self.manufacturer is not None and not any(self.state.iterdir()):
+            self.manufacturer.manufacture(self.state)
         self.start()
         return self
 
