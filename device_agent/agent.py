@@ -1,30 +1,37 @@
-"""The daemon: wires TPM, credentials, EST, the MQTT link, the outbox and systemd together.
+"""The daemon: wires credentials, the MQTT link, the outbox and systemd together.
 
 One main loop makes every decision (renew, switch, roll back, ping the
-watchdog); slow work runs beside it so the loop keeps turning: enrollment
-and renewal on a worker thread (EST round trips, retries with backoff), the
-broker connection on the link's thread, the local API on its own.
+watchdog); slow work runs beside it so the loop keeps turning: enrollment,
+renewal and every EST exchange in a credential job, a short-lived process of
+its own (credential_job.py), watched by a thread; the broker connection on the
+link's thread, the local API on its own.
+
+The daemon never loads ``tpm2_pytss`` or ``cryptography`` (issue 15: its memory):
+TLS signs with the TPM key through OpenSSL's tpm2 provider, certificates are
+known by the facts their job wrote beside them, and the watchdog asks the TPM
+for random bytes through the same provider.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
-import hashlib
+import json
 import logging
+import os
 import queue
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-from .config import AgentConfig
+from .committer import Committer
+from .config import AgentConfig, render_toml
 from .controller import (
     Activate,
     Clock,
@@ -45,10 +52,9 @@ from .controller import (
     TimeTold,
     Work,
 )
-from .credentials import CredentialStore, Generation
-from .enroll import Enroller
-from .errors import ConfigError, ESTError, IdentityError, OutboxCorruptError, OutboxError
-from .keystore import is_file_keystore, keystore_kind, open_keystore, read_key
+from .credentials import CertificateFacts, CredentialStore, Generation
+from .errors import ConfigError, IdentityError, OutboxCorruptError, OutboxError
+from .keystore import check_key_file, is_file_keystore, keystore_kind, probe
 from .lifecycle import RenewalPolicy, clock_plausible
 from .localapi import LocalAPI
 from .metrics import system_metrics
@@ -65,11 +71,6 @@ STATUS_EVERY = 2.0
 SWITCH_TIMEOUT = 60.0
 DRAIN_SECONDS = 5.0
 WORKER_GRACE = 5.0  # seconds a stopping agent waits for an EST exchange in flight
-
-
-def _key_fingerprint(certificate: x509.Certificate) -> str:
-    der = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
 
 
 RESTART_ONLY = ("device", "paths", "outbox", "api")  # a reload cannot apply these
@@ -92,9 +93,36 @@ def settings_of(config: AgentConfig) -> Settings:
 
 
 def credential_of(generation: Generation, via: Work | None = None) -> Credential:
-    cert = generation.certificate()
-    return Credential(generation.number, cert.serial_number, cert.not_valid_before_utc,
-                      cert.not_valid_after_utc, via)
+    facts = generation.facts()
+    return Credential(generation.number, facts.serial, facts.not_before, facts.not_after, via)
+
+
+def result_of(work: Work, output: str, returncode: int | None,
+              staged: Callable[[int], Generation | None]) -> tuple[Result, Generation | None]:
+    """A credential job's answer (its last stdout line) as the controller's result, and the
+    generation it staged."""
+    lines = output.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+        if not isinstance(answer, dict):
+            raise ValueError(f"no answer line: {answer!r}")
+        outcome = answer["outcome"]
+        if outcome == "issued":
+            generation = staged(int(answer["generation"]))
+            if generation is None or not generation.complete():
+                return Failed(work, f"the credential job staged generation "
+                                    f"{answer['generation']}, which is not complete"), None
+            return Issued(work, credential_of(generation, work)), generation
+        if outcome == "refused":
+            return Refused(work, int(answer["status"]), str(answer["reason"]),
+                           answer.get("retry_after")), None
+        if outcome == "time":
+            when = answer["server_now"]
+            return TimeTold(work, dt.datetime.fromisoformat(when) if when else None), None
+        return Failed(work, str(answer["error"]), answer.get("retry_after")), None
+    except (ValueError, KeyError, TypeError, IdentityError) as exc:
+        return Failed(work, f"the credential job gave no usable answer (exit {returncode}): "
+                            f"{exc}"), None
 
 
 class Agent:
@@ -112,6 +140,8 @@ class Agent:
         self.link: MQTTLink | None = None
         self.generation: Generation | None = None
         self._worker: threading.Thread | None = None
+        self._job: subprocess.Popen[str] | None = None
+        self._check_time = True
         self._results: queue.Queue[Result] = queue.Queue()
         self._staged: dict[int, Generation] = {}  # issued, not yet made current
         self._next: dict[str, float] = {}
@@ -129,10 +159,10 @@ class Agent:
         else:
             log.warning("SIMULATION ONLY: keys are software keys in plain files (%s), "
                         "not in a TPM; never use this on a real device", self.config.device.tcti)
-        with open_keystore(self.config.device.tcti) as tpm, self._open_outbox() as outbox:
-            self.tpm, self.outbox = tpm, outbox
+        with self._open_outbox() as outbox, \
+                Committer(outbox) as committer:  # closed after the API, before the outbox
+            self.outbox, self.committer = outbox, committer
             self.store = CredentialStore(state_dir)
-            self.enroller = Enroller(self.config, tpm, self.store, self.stop)
             api = self._start_api()
             try:
                 self._start(self.store.repair())
@@ -174,7 +204,7 @@ class Agent:
     def _start_api(self) -> LocalAPI | None:
         if self.config.api.socket is None:
             return None
-        return LocalAPI(self.config.api.socket, self.publish, self.config.api.group,
+        return LocalAPI(self.config.api.socket, self.committer.submit, self.config.api.group,
                         self.config.api.max_payload)
 
     def _start(self, current: Generation | None) -> None:
@@ -199,16 +229,19 @@ class Agent:
             api.close()
         if self.link is not None:
             self.link.stop(drain=DRAIN_SECONDS)
-        worker = self._worker
-        if worker is not None:  # the TPM closes after this: not under a renewal in flight
+        worker, job = self._worker, self._job
+        if worker is not None and job is not None:  # it ends its retries and answers
+            if job.poll() is None:
+                job.terminate()
             worker.join(WORKER_GRACE)
             if worker.is_alive():
-                log.warning("%s still running at exit", worker.name)
+                log.warning("credential job %s still running at exit; killed", worker.name)
+                job.kill()
         self._write_status()
         log.info("stopped; %d message(s) left in the outbox", self.outbox.depth())
 
     def publish(self, topic_suffix: str, data: dict[str, Any]) -> int:
-        return self.outbox.put(topic_suffix, data).seq
+        return self.committer.put(topic_suffix, data).seq  # the API's group commit, too
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -260,7 +293,7 @@ class Agent:
 
     def _carry_out(self, decisions: list[Decision]) -> None:
         """The controller decided; this does it."""
-        self.enroller.check_time = self.controller.system_clock_ok
+        self._check_time = self.controller.system_clock_ok
         for decision in decisions:
             if isinstance(decision, Report):
                 if decision.error:
@@ -282,57 +315,46 @@ class Agent:
             elif isinstance(decision, Reconnect) and self.generation is not None:
                 self._use(self.generation)  # contexts built for the clock we now have
 
-    def _job(self, work: Work) -> Callable[[], object]:
-        current = self.generation
-        if work in (Work.RENEW, Work.RECOVER):
-            assert current is not None, "the controller renews only what it has"
-            if work is Work.RENEW:
-                return lambda: self.enroller.renew(current, attempts=1)
-            return lambda: self.enroller.recover(current, attempts=1)
-        if work is Work.ENROLL:
-            return lambda: self.enroller.enroll()
-        if work is Work.BOOTSTRAP:
-            return lambda: self.enroller.enroll(attempts=1)
-        return self.enroller.server_time  # CLOCK, EXPIRY_CHECK, DUE_CHECK
-
     def _spawn(self, work: Work) -> None:
-        job = self._job(work)
+        """Start ``work`` as a credential job; a thread waits for its answer."""
+        argv = [sys.executable, "-m", "device_agent.credential_job", work.value,
+                "--source", str(self.config_path)]
+        if work in (Work.RENEW, Work.RECOVER):
+            assert self.generation is not None, "the controller renews only what it has"
+            argv += ["--generation", str(self.generation.number)]
+        if not self._check_time:
+            argv.append("--no-check-time")
+        config = render_toml(self.config)  # what runs, even if the file changed since
 
         def run() -> None:
             try:
-                self._results.put(self._outcome(work, job()))
-            except ESTError as exc:
-                self._results.put(
-                    Failed(work, str(exc), exc.retry_after) if exc.status is None
-                    else Refused(work, exc.status, exc.reason or str(exc), exc.retry_after))
-            except IdentityError as exc:
-                self._results.put(Failed(work, str(exc)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
-                log.error("unexpected failure in %s", work.value, exc_info=exc)
-                self._results.put(Failed(work, repr(exc)))
+                job = self._job = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, text=True,
+                                                   env=os.environ.copy())
+                output, _ = job.communicate(config)
+            except OSError as exc:
+                self._results.put(Failed(work, f"cannot start the credential job: {exc}"))
+                return
+            result, generation = result_of(work, output, job.returncode, self.store.generation)
+            if generation is not None:
+                self._staged[generation.number] = generation
+            self._results.put(result)
 
         self._worker = threading.Thread(target=run, name=work.value, daemon=True)
         self._worker.start()
-
-    def _outcome(self, work: Work, value: object) -> Result:
-        if isinstance(value, Generation):
-            self._staged[value.number] = value
-            return Issued(work, credential_of(value, work))
-        assert value is None or isinstance(value, dt.datetime), value
-        return TimeTold(work, value)
 
     def _collect_worker(self) -> None:
         try:
             outcome = self._results.get_nowait()
         except queue.Empty:
             return
-        self._worker = None
+        self._worker = self._job = None
         self._carry_out(self.controller.result(outcome))
 
     def _use(self, generation: Generation) -> None:
         """Connect with ``generation``; the link of the previous one is closed first."""
-        # a clear error for a damaged key file, before OpenSSL's
-        read_key(generation.key_path, self.config.device.tcti)
+        check_key_file(generation.key_path, self.config.device.tcti)
+        facts = generation.facts()
         context = client_context(certfile=generation.cert_path, keyfile=generation.key_path,
                                  cafile=self.config.paths.server_trust,
                                  tcti=self.config.device.tcti,
@@ -342,13 +364,14 @@ class Agent:
             with releasing():
                 self.link = None
         self.generation = generation
-        self._certificate = generation.certificate()
+        self._facts: CertificateFacts | None = facts
         mqtt = self.config.mqtt
         self.link = MQTTLink(
             device_id=self.config.device.id, host=mqtt.host, port=mqtt.port,
             keepalive=mqtt.keepalive, context=context, outbox=self.outbox,
             inflight=self.config.outbox.inflight, on_command=self.command,
             status=self._public_status,
+            reconnect_window=mqtt.reconnect_window, reconnect_max=mqtt.reconnect_max,
         ).start()
 
     def _reload(self) -> None:
@@ -368,7 +391,7 @@ class Agent:
             changed = config.mqtt != self.config.mqtt
             if config.mqtt.telemetry_interval != self.config.mqtt.telemetry_interval:
                 self._next.pop("telemetry", None)  # not on the old interval's schedule
-            self.config = self.enroller.config = config  # all of it, or (above) none
+            self.config = config  # all of it, or (above) none; credential jobs get it too
             self.controller.settings = settings_of(config)
             log.info("configuration reloaded from %s", self.config_path)
             if changed and self.generation is not None:
@@ -380,7 +403,7 @@ class Agent:
     def _healthy(self) -> bool:
         """The loop turned (we are in it), the TPM answers, the credential is usable."""
         try:
-            self.tpm.ping()
+            probe(self.config.device.tcti)
         except IdentityError as exc:
             self._error(f"watchdog withheld: {exc}")
             return False
@@ -397,12 +420,12 @@ class Agent:
         self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}")
 
     def _public_status(self) -> dict[str, Any]:
-        cert = getattr(self, "_certificate", None)
+        facts = getattr(self, "_facts", None)
         return {"generation": self.generation.number if self.generation else None,
-                "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None}
+                "cert_not_after": facts.not_after.isoformat() if facts else None}
 
     def status(self) -> dict[str, Any]:
-        cert = getattr(self, "_certificate", None)
+        facts: CertificateFacts | None = getattr(self, "_facts", None)
         link = self.link
         provider = active_provider()
         controller = self.controller
@@ -412,9 +435,9 @@ class Agent:
             "state": controller.phase.value,
             "why": controller.why,
             "generation": self.generation.number if self.generation else None,
-            "cert_serial": f"{cert.serial_number:x}" if cert else None,
-            "key_sha256": _key_fingerprint(cert) if cert else None,
-            "cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None,
+            "cert_serial": f"{facts.serial:x}" if facts else None,
+            "key_sha256": facts.key_sha256 if facts else None,
+            "cert_not_after": facts.not_after.isoformat() if facts else None,
             "renew_at": renew_at.isoformat() if renew_at else None,
             "connected": bool(link and link.connected.is_set()),
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",

@@ -31,6 +31,8 @@ class PathsSection:
     bootstrap_cert: Path
     bootstrap_key: Path
     server_trust: Path
+    attestation_key: Path | None = None  # the factory's AK (TSS2 key file): every CSR then
+    # carries TPM2_Certify evidence for its key (a TPM keystore only)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class MQTTSection:
     keepalive: int = 60
     telemetry_interval: float = 60.0
     status_interval: float = 300.0
+    reconnect_window: float = 2.0  # seconds over which the first attempt after a lost
+    # connection is spread; size it to the devices per broker / handshakes the broker takes a second
+    reconnect_max: float = 10.0  # backoff ceiling while the broker's host answers
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,12 @@ class AgentConfig:
             raise fail("[mqtt] keepalive", f"must be 5-65535 seconds, got {self.mqtt.keepalive}")
         if self.mqtt.telemetry_interval < 0:
             raise fail("[mqtt] telemetry_interval", "must be 0 (off) or positive")
+        if not 1 <= self.mqtt.reconnect_max <= 3600:
+            raise fail("[mqtt] reconnect_max",
+                       f"must be 1-3600 seconds, got {self.mqtt.reconnect_max}")
+        if not 0 <= self.mqtt.reconnect_window <= self.mqtt.reconnect_max:
+            raise fail("[mqtt] reconnect_window", "must be 0 to reconnect_max seconds, got "
+                                                  f"{self.mqtt.reconnect_window}")
         if not 0.1 <= self.renewal.fraction <= 0.95:
             raise fail("[renewal] fraction", f"must be 0.1-0.95, got {self.renewal.fraction}")
         if not 0 <= self.renewal.jitter < 1 - self.renewal.fraction:

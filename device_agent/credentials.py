@@ -3,7 +3,8 @@
 ::
 
     <state_dir>/credentials/
-        gen-000001/key.tss, cert.pem     one generation: TPM key blob (0600) and certificate
+        gen-000001/key.tss, cert.pem     one generation: TPM key blob (0600) and certificate,
+                   facts.json            and what the daemon needs of the certificate
         gen-000002/...
         current  -> gen-000002           what the agent uses
         previous -> gen-000001           the way back until the new one has reached the broker
@@ -22,6 +23,9 @@ a count, with a log line for each.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import logging
 import os
 import re
@@ -31,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-
 from ._files import fsync_dir, write_private
-from .errors import CredentialError
+from .errors import CredentialError, FileStoreError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from .keystore import Key
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,44 @@ _GENERATION = re.compile(r"gen-(\d{6})")
 _ASIDE = re.compile(r"[a-z]+-gen-(\d{6})-.*")
 KEEP_GENERATIONS = 5  # besides current and previous
 KEEP_ASIDE = 10  # of each kind set aside: failed, broken, incomplete
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    """What the daemon needs of a certificate, kept beside it in ``facts.json``.
+
+    The long-running agent never parses X.509 (so it never loads ``cryptography``):
+    the credential job that obtains a certificate writes these with it.
+    """
+
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    key_sha256: str  # of the SubjectPublicKeyInfo
+
+    @classmethod
+    def of(cls, certificate_pem: bytes) -> CertificateFacts:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return cls(cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc,
+                   hashlib.sha256(spki).hexdigest())
+
+    def to_json(self) -> bytes:
+        return json.dumps({"serial": f"{self.serial:x}", "not_before": self.not_before.isoformat(),
+                           "not_after": self.not_after.isoformat(),
+                           "key_sha256": self.key_sha256}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CertificateFacts:
+        fields = json.loads(data)
+        facts = cls(int(fields["serial"], 16), dt.datetime.fromisoformat(fields["not_before"]),
+                    dt.datetime.fromisoformat(fields["not_after"]), str(fields["key_sha256"]))
+        if facts.not_after.tzinfo is None or facts.not_before.tzinfo is None:
+            raise ValueError("times without a zone")
+        return facts
 
 
 @dataclass(frozen=True)
@@ -60,12 +102,39 @@ class Generation:
     def cert_path(self) -> Path:
         return self.directory / "cert.pem"
 
+    @property
+    def facts_path(self) -> Path:
+        return self.directory / "facts.json"
+
     def certificate(self) -> x509.Certificate:
+        from cryptography import x509
+
         try:
             return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         except (OSError, ValueError) as exc:
             raise CredentialError(f"generation {self.number}: unreadable certificate: {exc}") \
                 from exc
+
+    def facts(self) -> CertificateFacts:
+        """The certificate's facts; a generation written before they were kept (or whose
+        file is damaged) has them derived from the certificate once, and written."""
+        try:
+            return CertificateFacts.from_json(self.facts_path.read_bytes())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("generation %d: facts.json unusable (%s); reading the certificate",
+                        self.number, exc)
+        try:
+            facts = CertificateFacts.of(self.cert_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CredentialError(f"generation {self.number}: unreadable certificate: {exc}") \
+                from exc
+        try:
+            write_private(self.facts_path, facts.to_json(), 0o644)
+        except FileStoreError as exc:  # a read-only or full disk: derived again next time
+            log.warning("generation %d: facts not kept: %s", self.number, exc)
+        return facts
 
     def complete(self) -> bool:
         return self.key_path.is_file() and self.cert_path.is_file()
@@ -90,6 +159,11 @@ class CredentialStore:
     def current(self) -> Generation | None:
         return self._link("current")
 
+    def generation(self, number: int) -> Generation | None:
+        """Generation ``number``, if its directory exists."""
+        found = Generation(number, self.root / f"gen-{number:06d}")
+        return found if found.directory.is_dir() else None
+
     def previous(self) -> Generation | None:
         return self._link("previous")
 
@@ -112,7 +186,7 @@ class CredentialStore:
                 numbers.append(int(match.group(1)))
         return max(numbers)
 
-    def stage(self, key: Key, certificate_pem: bytes) -> Generation:
+    def stage(self, key: Key, certificate_pem: bytes, facts: CertificateFacts) -> Generation:
         """Write a new, complete generation that nothing points at yet."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         number = self._highest_number() + 1
@@ -120,6 +194,7 @@ class CredentialStore:
         generation.directory.mkdir(mode=0o700)
         key.write(generation.key_path)
         write_private(generation.cert_path, certificate_pem, 0o644)
+        write_private(generation.facts_path, facts.to_json(), 0o644)
         fsync_dir(self.root)
         return generation
 

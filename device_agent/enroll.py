@@ -6,6 +6,11 @@ use (bootstrap, current, or expired-current on the recovery listener). The
 issued certificate is checked against what we asked for before it is staged
 as a new credential generation. Retries use tenacity with full jitter and
 never wait less than the server's ``Retry-After``.
+
+With ``[paths] attestation_key`` (the factory's AK) and a TPM keystore, every
+CSR also carries the AK's TPM2_Certify of the new key, bound to that key, in
+the id-aa-attestation attribute (:mod:`device_agent.csr_attestation`), so the
+EST server can verify that the key lives in this TPM.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import AgentConfig
-from .credentials import CredentialStore, Generation
+from .credentials import CertificateFacts, CredentialStore, Generation
 from .errors import ESTError
 from .est import ESTClient, ESTReply
 from .identity import device_uri
-from .keystore import KeyStore
+from .keystore import Key, KeyStore
 from .lifecycle import full_jitter
 from .tls import NO_CHECK_TIME, client_context, releasing
-from .tpm import build_csr
+from .tpm import TPM, KeyBlob, build_csr, csr_names
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +96,32 @@ class Enroller:
     def _obtain(self, client: ESTClient, call: EnrollCall, name: str,
                 attempts: int | None, renewing: x509.Certificate | None = None) -> Generation:
         blob = self.tpm.create_key()
-        with self.tpm.loaded(blob) as key:
-            csr = build_csr(key, self.config.device.id, renewing)
+        csr = self._csr(blob, renewing)
         reply = self._retrying(lambda: call(client, csr), name, attempts)
         self.last_server_date = reply.server_date
         certificate = check_issued(reply.certificates[0], self.config.device.id,
                                    blob.public_key())
-        generation = self.store.stage(blob, _pem(reply.certificates))
+        pem = _pem(reply.certificates)
+        generation = self.store.stage(blob, pem, CertificateFacts.of(pem))
         log.info("%s: certificate %x valid until %s staged as generation %d", name,
                  certificate.serial_number, certificate.not_valid_after_utc, generation.number)
         return generation
+
+    def _csr(self, blob: Key, renewing: x509.Certificate | None) -> x509.CertificateSigningRequest:
+        """The request for ``blob``, with the AK's TPM2_Certify of it when the device has one."""
+        ak_path = self.config.paths.attestation_key
+        if ak_path is None or not isinstance(self.tpm, TPM):
+            with self.tpm.loaded(blob) as key:
+                return build_csr(key, self.config.device.id, renewing)
+        from .attest import AttestationKeyBlob, certify
+        from .csr_attestation import build_attested_csr, encode_bundle
+
+        assert isinstance(blob, KeyBlob)
+        statement = certify(self.tpm, AttestationKeyBlob.read(ak_path), blob)
+        subject, names = csr_names(self.config.device.id, renewing)
+        extension = x509.Extension(names.oid, False, names)
+        with self.tpm.loaded(blob) as key:
+            return build_attested_csr(key, subject, [extension], encode_bundle([statement]))
 
     def _retrying(self, call: Callable[[], ESTReply], name: str,
                   attempts: int | None) -> ESTReply:

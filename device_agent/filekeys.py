@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ._keyfile import KeyFile
 from .errors import KeyFileError, TPMUnreachableError
+from .keystore import FILE_PREFIX
 
-FILE_PREFIX = "file:"
 PKCS8_MARKER = b"-----BEGIN PRIVATE KEY-----"
 
 

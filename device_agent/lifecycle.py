@@ -115,3 +115,82 @@ def judge_switch(connected: bool, refusal: str | None, previous_valid: bool) -> 
     if refusal is None:
         return SwitchVerdict.WAIT
     return SwitchVerdict.ROLL_BACK if previous_valid else SwitchVerdict.STAY
+
+
+class Reached(enum.IntEnum):
+    """How far one connection attempt got, which is what it tells about the broker."""
+
+    NOTHING = 0  # no answer at all: a timeout, no route, no name (the network is gone)
+    HOST = 1  # the host refused TCP: nothing listens on the port (a broker restarting)
+    LISTENER = 2  # TCP accepted, the TLS handshake not completed
+    BROKER = 3  # TCP and TLS done, then closed or refused before admitting us
+    ADMITTED = 4  # CONNACK success; the connection has ended since
+
+
+class Hint(enum.Enum):
+    """What a broker that answered said about when to come back."""
+
+    BUSY = "busy"  # CONNACK server busy / unavailable, quota or connection rate exceeded
+    MOVED = "moved"  # CONNACK use another server / server moved: go there now
+    REFUSED = "refused"  # our credential refused (CONNACK or TLS alert): the lifecycle acts
+
+
+UNREACHABLE_CAP = 60.0
+"""Backoff ceiling while nothing answers at all: spare the radio, not the broker."""
+STABLE_AFTER = 10.0
+"""Seconds an admitted connection must last to count as one (a broker that admits and
+drops us at once is not reconnected to every second)."""
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """Reconnect timing: ``window`` spreads the first attempt after a lost connection,
+    ``cap`` bounds the backoff while the broker's host answers, ``base`` starts it."""
+
+    window: float = 2.0
+    cap: float = 10.0
+    base: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.window <= self.cap:
+            raise ValueError(f"window must be in [0, cap], got {self.window}")
+        if not 0 < self.base <= self.cap:
+            raise ValueError(f"base must be in (0, cap], got {self.base}")
+
+    def ceiling(self, reached: Reached) -> float:
+        return max(UNREACHABLE_CAP, self.cap) if reached is Reached.NOTHING else self.cap
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Where a link's reconnects stand: how far the last attempt got, failures in a row."""
+
+    reached: Reached = Reached.ADMITTED
+    failures: int = 0
+
+
+def next_reconnect(state: Backoff, reached: Reached, hint: Hint | None,
+                   policy: ReconnectPolicy, draw: float,
+                   held: float = STABLE_AFTER) -> tuple[Backoff, float]:
+    """The state after an attempt that got as far as ``reached``, and the seconds to wait.
+
+    ``draw`` in [0, 1) is the jitter. A lost admitted connection that lasted ``held`` >=
+    ``STABLE_AFTER`` seconds (or a move to another server) tries again within ``window``;
+    a shorter one counts as a failure of a broker that answered. Each failure doubles the
+    ceiling of a full-jitter wait, up to ``policy.cap`` while the broker's host answers,
+    up to ``UNREACHABLE_CAP`` while nothing does; an attempt that got further than the one
+    before (the broker listens again, or completed a handshake) restarts the doubling. A
+    busy broker, or one that refused our credential, is given half the cap to the cap.
+    """
+    if not 0 <= draw < 1:
+        raise ValueError(f"draw must be in [0, 1), got {draw}")
+    if (reached is Reached.ADMITTED and held >= STABLE_AFTER) or hint is Hint.MOVED:
+        return Backoff(), policy.window * draw
+    if reached is Reached.ADMITTED:
+        reached = Reached.BROKER
+    failures = 1 if reached > state.reached else state.failures + 1
+    after = Backoff(reached, failures)
+    if hint is not None:  # BUSY or REFUSED: not sooner than half the cap, spread over the rest
+        return after, policy.cap * (1 + draw) / 2
+    ceiling = min(policy.ceiling(reached), policy.base * 2 ** min(failures, 30))
+    return after, ceiling * draw

@@ -1,5 +1,9 @@
 """The MQTT 5 link to the broker: one credential generation, reconnects with full jitter.
 
+How long to wait before the next attempt is ``lifecycle.next_reconnect``'s decision; this
+module only says how far each attempt got (nothing answered, the host refused TCP, TLS
+failed, the broker closed or refused, the broker admitted us) and what the broker hinted.
+
 paho-mqtt takes a TLS context once per client, and a rotation brings a new
 certificate, so every connection attempt gets a fresh ``paho.Client`` built
 from the link's context. The durable outbox is the only record of what is
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import ssl
 import threading
 import time
@@ -28,13 +33,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .errors import OutboxError
-from .lifecycle import full_jitter
+from .lifecycle import Backoff, Hint, Reached, ReconnectPolicy, next_reconnect
 from .tls import handshake_lock
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600
-# CONNACK reasons that mean "not now": back off longer before trying again.
+# CONNACK reasons that mean "not now": back off longer before trying again (MQTT 5 has no
+# retry-after property; these reason codes are the broker's only hint).
 BUSY_REASONS = {"Server busy", "Server unavailable", "Quota exceeded",
                 "Connection rate exceeded"}
 MOVED_REASONS = {"Use another server", "Server moved"}
@@ -50,6 +56,19 @@ CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REVOKED", "ALE
 def certificate_alert(error: str) -> str | None:
     """The alert in a TLS error by which the peer refused our certificate, if any."""
     return next((alert for alert in CERTIFICATE_ALERTS if alert in error.upper()), None)
+
+
+def reached_by(exc: OSError) -> Reached:
+    """How far a connect that raised ``exc`` got: the host refusing TCP (nothing listens,
+    a broker restarting) is told apart from no answer at all and from a failed handshake."""
+    if isinstance(exc, ConnectionRefusedError):
+        return Reached.HOST
+    if isinstance(exc, ssl.SSLError | ConnectionResetError | ConnectionAbortedError
+                  | BrokenPipeError):
+        return Reached.LISTENER
+    if isinstance(exc, TimeoutError) and "handshake" in str(exc):
+        return Reached.LISTENER
+    return Reached.NOTHING  # a TCP timeout, no route, no such name
 
 
 class OutboxLike(Protocol):
@@ -71,7 +90,12 @@ class LinkStats:
     last_error: str = ""
     last_connack: str = ""
     connected_since: float | None = None
+    reached: str = ""  # how far the last attempt got
+    attempts: list[float] = field(default_factory=list)  # wall times of the last 10 attempts
     history: list[str] = field(default_factory=list)
+
+    def attempt(self) -> None:
+        self.attempts = (self.attempts + [time.time()])[-10:]
 
     def error(self, message: str) -> None:
         self.last_error = message
@@ -88,7 +112,8 @@ class MQTTLink:
                  context: ssl.SSLContext, outbox: OutboxLike, inflight: int,
                  on_command: CommandHandler, status: Callable[[], dict[str, Any]],
                  on_refused: Callable[[str], None] | None = None,
-                 backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
+                 reconnect_window: float = 2.0, reconnect_max: float = 10.0,
+                 rng: random.Random | None = None) -> None:
         self.device_id = device_id
         self.host, self.port, self.keepalive = host, port, keepalive
         self.context = context
@@ -97,13 +122,16 @@ class MQTTLink:
         self.on_command = on_command
         self.status = status
         self.on_refused = on_refused
-        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.policy = ReconnectPolicy(window=reconnect_window, cap=reconnect_max)
+        self._rng = rng or random.Random()
         self.stats = LinkStats()
         self.connected = threading.Event()
         self.credential_refusal: str | None = None  # why the broker refused our credential
         self._stop = threading.Event()
-        self._hold_delay: float | None = None
-        self._admitted = False
+        self._reached = Reached.NOTHING  # how far the current attempt got
+        self._hint: Hint | None = None  # what the broker said about coming back
+        self._connack_failed = False
+        self._admitted_at = float("inf")  # monotonic time of the last CONNACK success
         self._socket_error = ""
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._acked: list[int] = []  # PUBACKed this loop turn, still in the outbox
@@ -157,41 +185,48 @@ class MQTTLink:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        attempt = 0
+        backoff = Backoff()
         while not self._stop.is_set():
+            self._reached, self._hint, self._connack_failed = Reached.NOTHING, None, False
             try:
-                admitted, delay = self._connect_once()
+                self._connect_once()
             except Exception as exc:  # noqa: BLE001 - the link must outlive any one failure
                 log.exception("MQTT link failed; starting a new connection")
                 self.stats.error(f"link failed: {exc!r}")
                 self._lost()
-                admitted, delay = False, None
             if self._stop.is_set():
                 break
-            attempt = 0 if admitted else attempt + 1
-            wait = max(full_jitter(attempt, self.backoff_base, self.backoff_cap), delay or 0.0)
-            log.info("reconnecting in %.1fs", wait)
+            reached, hint = self._reached, self._hint
+            self.stats.reached = reached.name.lower()
+            held = time.monotonic() - self._admitted_at
+            backoff, wait = next_reconnect(backoff, reached, hint, self.policy,
+                                           self._rng.random(), held)
+            log.info("reconnecting in %.2fs (last attempt: %s%s)", wait, reached.name.lower(),
+                     f", {hint.value}" if hint else "")
             self._stop.wait(wait)
 
-    def _connect_once(self) -> tuple[bool, float | None]:
-        """One connection, kept until it ends: (whether the broker admitted us, the least
-        delay it asked for before the next attempt)."""
+    def _connect_once(self) -> None:
+        """One connection, kept until it ends; how far it got is left in ``_reached`` and
+        what the broker hinted in ``_hint``."""
         client = self._new_client()
         self._client = client
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY
+        self.stats.attempt()
         try:
             with handshake_lock:
                 client.connect(self.host, self.port, self.keepalive, clean_start=False,
                                properties=properties)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             self.stats.connect_failures += 1
-            self.credential_refusal = certificate_alert(str(exc)) or self.credential_refusal
+            self._reached = reached_by(exc)
+            alert = certificate_alert(str(exc))
+            if alert is not None:
+                self.credential_refusal, self._hint = alert, Hint.REFUSED
             self.stats.error(f"connect to {self.host}:{self.port} failed: {exc}")
             log.warning("MQTT connect to %s:%d failed: %s", self.host, self.port, exc)
-            return False, None
-        self._hold_delay = None
-        self._admitted = False
+            return
+        self._reached = Reached.BROKER  # TCP and TLS done: the broker is up
         connack_deadline = time.monotonic() + self.keepalive
         try:
             while not self._stop.is_set() and client.socket() is not None:
@@ -199,7 +234,7 @@ class MQTTLink:
                 self._commit_acks()
                 if self.connected.is_set():
                     self._pump(client)
-                elif self._hold_delay is not None or time.monotonic() > connack_deadline:
+                elif self._connack_failed or time.monotonic() > connack_deadline:
                     break
             if self._stop.is_set() and self.connected.is_set():
                 info = client.publish(f"{self.topic_base}/status",
@@ -216,16 +251,15 @@ class MQTTLink:
             self._lost()
             if client.socket() is not None:
                 client.disconnect()
-        if not self._admitted and not self._stop.is_set():
+        if self._reached is not Reached.ADMITTED and not self._stop.is_set():
             self.stats.connect_failures += 1
             alert = certificate_alert(self._socket_error)
             if alert is not None:
-                self.credential_refusal = alert
-            if self._hold_delay is None:
+                self.credential_refusal, self._hint = alert, Hint.REFUSED
+            if not self._connack_failed:
                 reason = self._socket_error or "connection closed before CONNACK"
                 self.stats.error(f"broker did not admit us: {reason}")
                 log.warning("broker did not admit us: %s", reason)
-        return self._admitted, self._hold_delay
 
     def _lost(self) -> None:
         was_connected = self.connected.is_set()
@@ -294,22 +328,23 @@ class MQTTLink:
             log.warning("broker refused the connection: %s", reason)
             name = str(reason)
             if name in BUSY_REASONS:
-                self._hold_delay = 30.0
+                self._hint = Hint.BUSY
             elif name in MOVED_REASONS:
                 reference = getattr(properties, "ServerReference", None)
                 if reference:
                     host, _, port = reference.partition(":")
                     log.warning("broker asks us to use %s", reference)
                     self.host, self.port = host, int(port or self.port)
-                self._hold_delay = 1.0
-            else:
-                self._hold_delay = 10.0
-                if name in REFUSED_REASONS:
-                    self.credential_refusal = name
-                    if self.on_refused:
-                        self.on_refused(name)
+                self._hint = Hint.MOVED
+            elif name in REFUSED_REASONS:
+                self._hint = Hint.REFUSED
+                self.credential_refusal = name
+                if self.on_refused:
+                    self.on_refused(name)
+            self._connack_failed = True  # other reasons give no hint: the capped backoff
             return
-        self._admitted = True
+        self._reached = Reached.ADMITTED
+        self._admitted_at = time.monotonic()
         self.credential_refusal = None
         self.stats.connects += 1
         self.stats.connected_since = time.time()

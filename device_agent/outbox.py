@@ -1,8 +1,10 @@
 """Durable store-and-forward queue: a message leaves only when the broker has it.
 
 Every message is committed to SQLite (WAL, ``synchronous=FULL``: the WAL is
-fsynced at each commit) before ``put`` returns, so whatever a caller was told
-is stored survives ``kill -9`` and power loss. It is deleted only by ``ack``,
+fsynced at each commit) before ``put`` or ``put_many`` returns, so whatever a
+caller was told is stored survives ``kill -9`` and power loss. ``put_many``
+stores several messages in one transaction, one fsync: the group commit of
+``device_agent.committer`` is built on it. It is deleted only by ``ack``,
 on PUBACK, so delivery is at-least-once and the per-device sequence number
 lets a consumer de-duplicate. The sequence counter is a row of its own, not
 ``max(seq)``: a number is never handed out twice, even after every message has
@@ -24,7 +26,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Literal
 from ._files import fsync_dir
 from .errors import OutboxCorruptError, OutboxError, OutboxFullError
 
-__all__ = ["Message", "Outbox", "OutboxCorruptError", "OutboxError", "OutboxFullError"]
+__all__ = ["Draft", "Message", "Outbox", "OutboxCorruptError", "OutboxError", "OutboxFullError"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,29 @@ class Message:
     topic_suffix: str
     payload: bytes
     created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message checked and encoded by ``Outbox.draft``: the JSON data of an envelope,
+    or bytes stored as given."""
+
+    topic_suffix: str
+    body: bytes
+    enveloped: bool
+
+
+def room_for(depth: int, max_messages: int, policy: DropPolicy, count: int) -> tuple[int, int]:
+    """(how many of ``count`` new messages are kept, how many of the oldest stored go).
+
+    The same as ``count`` puts one after another: "newest" keeps the first
+    ones that fit and refuses the rest; "oldest" keeps all and drops the
+    oldest stored messages (or the first new ones) beyond ``max_messages``.
+    """
+    if policy == "newest":
+        kept = max(0, min(count, max_messages - depth))
+        return kept, 0
+    return count, max(0, depth + count - max_messages)
 
 
 class Outbox:
@@ -118,6 +144,18 @@ class Outbox:
             finally:
                 os.close(self._lock_fd)
 
+    @staticmethod
+    def draft(topic_suffix: str, data: Mapping[str, object] | bytes) -> Draft:
+        """A message checked and encoded, not yet numbered or stored.
+
+        A topic suffix MQTT cannot carry or data that is not a JSON object
+        (NaN and infinities included) raises ``ValueError`` or ``TypeError``.
+        """
+        _check_topic_suffix(topic_suffix)
+        if isinstance(data, bytes | bytearray):
+            return Draft(topic_suffix, bytes(data), enveloped=False)
+        return Draft(topic_suffix, _encode(data), enveloped=True)
+
     def put(self, topic_suffix: str, data: Mapping[str, object] | bytes) -> Message:
         """Store a message durably and return it with its sequence number.
 
@@ -127,36 +165,51 @@ class Outbox:
         this one with ``OutboxFullError``. Either way the dropped sequence
         number is consumed, counted and logged, so the loss is visible.
         """
-        _check_topic_suffix(topic_suffix)
-        body = _encode(data) if not isinstance(data, bytes | bytearray) else bytes(data)
+        [outcome] = self.put_many([self.draft(topic_suffix, data)])
+        if isinstance(outcome, OutboxFullError):
+            raise outcome
+        return outcome
+
+    def put_many(self, drafts: Sequence[Draft]) -> list[Message | OutboxFullError]:
+        """Store several messages in one transaction (one fsync); an outcome for each, in order.
+
+        Numbered in the order given. Each is a ``Message`` once this returns,
+        or the ``OutboxFullError`` of the "newest" drop policy (its number
+        consumed and counted, as ``put`` does). If the transaction fails,
+        ``OutboxError`` is raised and none of them was stored.
+        """
+        if not drafts:
+            return []
         with self._lock, self._transaction():
-            seq = self._scalar(
-                "UPDATE counters SET value = value + 1 WHERE name = 'last_seq' RETURNING value")
+            kept, drop = room_for(self._depth, self.max_messages, self.drop_policy, len(drafts))
+            last = self._scalar("UPDATE counters SET value = value + ? WHERE name = 'last_seq' "
+                                "RETURNING value", (len(drafts),))
             created = time.time()
-            payload = body if isinstance(data, bytes | bytearray) else self._envelope(
-                seq, created, body)
-            excess = self._depth - self.max_messages + 1
-            if excess > 0 and self.drop_policy == "newest":
-                self._count_dropped(1)
-                self._db.execute("COMMIT")
-                log.warning("outbox full (%d messages): refused new message seq %d",
-                            self._depth, seq)
-                raise OutboxFullError(f"outbox {self.path} is full ({self._depth} messages); "
-                                      f"message seq {seq} dropped", seq)
+            first = last - len(drafts) + 1
+            stored = [Message(seq, draft.topic_suffix, self._payload(draft, seq, created),
+                              created)
+                      for seq, draft in zip(range(first, first + kept), drafts, strict=False)]
+            self._db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)",
+                                 [(m.seq, m.topic_suffix, m.payload, created) for m in stored])
             removed: list[int] = []
-            if excess > 0:
+            if drop:
                 removed = [row[0] for row in self._db.execute(
                     "DELETE FROM messages WHERE seq IN "
-                    "(SELECT seq FROM messages ORDER BY seq LIMIT ?) RETURNING seq", (excess,))]
-                self._count_dropped(len(removed))
-            self._db.execute("INSERT INTO messages VALUES (?, ?, ?, ?)",
-                             (seq, topic_suffix, payload, created))
+                    "(SELECT seq FROM messages ORDER BY seq LIMIT ?) RETURNING seq", (drop,))]
+            refused = list(range(first + kept, last + 1))
+            if refused or removed:
+                self._count_dropped(len(refused) + len(removed))
             self._db.execute("COMMIT")
-            self._depth += 1 - len(removed)
+            depth_before, self._depth = self._depth, self._depth + kept - len(removed)
         if removed:
             log.warning("outbox full (%d messages): dropped oldest %s", self.max_messages,
                         _describe(sorted(removed)))
-        return Message(seq, topic_suffix, payload, created)
+        if refused:
+            log.warning("outbox full (%d messages): refused new message %s", depth_before,
+                        _describe(refused))
+        full = [OutboxFullError(f"outbox {self.path} is full ({depth_before} messages); "
+                                f"message seq {seq} dropped", seq) for seq in refused]
+        return [*stored, *full]
 
     def pending(self, limit: int = 100, after_seq: int | None = None) -> list[Message]:
         """Messages still waiting for a PUBACK, oldest first, after ``after_seq`` if given."""
@@ -176,7 +229,7 @@ class Outbox:
         params = [(seq,) for seq in seqs]
         if not params:
             return 0
-        with self._lock, self._transaction():
+        with self._lock, self._unsynced(), self._transaction():
             before = self._db.total_changes
             self._db.executemany("DELETE FROM messages WHERE seq = ?", params)
             removed = self._db.total_changes - before
@@ -246,16 +299,18 @@ class Outbox:
         log.warning("outbox %s moved aside to %s", path, target.name)
         return target
 
-    def _envelope(self, seq: int, created: float, body: bytes) -> bytes:
+    def _payload(self, draft: Draft, seq: int, created: float) -> bytes:
+        if not draft.enveloped:
+            return draft.body
         head = f'{{"device":{self._device_json},"seq":{seq},"ts":{created!r},"data":'
-        return head.encode() + body + b"}"
+        return head.encode() + draft.body + b"}"
 
     def _count_dropped(self, n: int) -> None:
         self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (n,))
 
-    def _scalar(self, sql: str) -> int:
+    def _scalar(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._translated():
-            row = self._db.execute(sql).fetchone()
+            row = self._db.execute(sql, params).fetchone()
         return int(row[0])
 
     def _check_open(self) -> None:
@@ -265,6 +320,24 @@ class Outbox:
     def _translated(self) -> _Translate:
         self._check_open()
         return _Translate(self.path, None)
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """A transaction committed without an fsync of its own (``synchronous=NORMAL``).
+
+        For deletions only: one lost to a power cut brings a message back, sent
+        again (at-least-once; the seq lets consumers drop the copy). A process
+        crash loses nothing, and the next FULL commit's fsync carries it anyway.
+        The connection's own setting (FULL) is back once the transaction is over.
+        """
+        with self._translated():
+            mode = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            with self._translated():
+                self._db.execute(f"PRAGMA synchronous={mode:d}")
 
     def _transaction(self) -> _Translate:
         self._check_open()

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import TLSSetupError
+from .errors import TLSSetupError, TPMUnreachableError
 
 SIGNATURE_ONLY_QUERY = "?tpm2.signature=yes"
 FIXED_EXPORT_VERSION = (1, 2)
@@ -176,6 +176,46 @@ def releasing() -> Iterator[None]:
 
 def active_provider() -> ProviderInfo | None:
     return _active
+
+
+def _rand_functions(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.EVP_RAND_fetch.restype = ctypes.c_void_p
+    lib.EVP_RAND_fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    lib.EVP_RAND_CTX_new.restype = ctypes.c_void_p
+    lib.EVP_RAND_CTX_new.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.EVP_RAND_instantiate.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                                         ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.EVP_RAND_generate.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                                      ctypes.c_uint, ctypes.c_int, ctypes.c_char_p,
+                                      ctypes.c_size_t]
+    lib.EVP_RAND_CTX_free.argtypes = [ctypes.c_void_p]
+    lib.EVP_RAND_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def tpm_answers(tcti: str) -> None:
+    """Have the TPM make eight random bytes over the provider's own connection
+    (TPM2_GetRandom; tpm2-openssl names its generator CTR-DRBG): the watchdog's proof
+    that the TPM answers, without loading a TSS binding into the agent."""
+    enable_tpm_provider(tcti)
+    lib = _rand_functions(_libcrypto())
+    with handshake_lock:
+        rand = lib.EVP_RAND_fetch(None, b"CTR-DRBG", b"provider=tpm2")
+        if not rand:
+            raise TPMUnreachableError(f"the tpm2 provider has no generator: "
+                                      f"{_openssl_errors(lib)}")
+        context = lib.EVP_RAND_CTX_new(rand, None)
+        try:
+            out = ctypes.create_string_buffer(8)
+            answered = bool(context) and lib.EVP_RAND_instantiate(
+                context, 0, 0, None, 0, None) == 1 and lib.EVP_RAND_generate(
+                context, out, len(out), 0, 0, None, 0) == 1
+        finally:
+            if context:
+                lib.EVP_RAND_CTX_free(context)
+            lib.EVP_RAND_free(rand)
+        if not answered:
+            raise TPMUnreachableError(f"the TPM does not answer: {_openssl_errors(lib)}")
 
 
 def is_tpm_key_file(path: str | os.PathLike[str]) -> bool:

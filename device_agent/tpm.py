@@ -401,6 +401,15 @@ def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str,
     is the proof of possession the CA checks. A renewal copies subject and
     subjectAltName from the certificate being renewed (RFC 7030, 4.2.2).
     """
+    subject, names = csr_names(device_id, renewing)
+    builder = (x509.CertificateSigningRequestBuilder().subject_name(subject)
+               .add_extension(names, critical=False))
+    return builder.sign(key, hashes.SHA256())
+
+
+def csr_names(device_id: str, renewing: x509.Certificate | None = None,
+              ) -> tuple[x509.Name, x509.SubjectAlternativeName]:
+    """The subject and subjectAltName a request of :func:`build_csr` carries."""
     validate_device_id(device_id)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
     names = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))])
@@ -410,6 +419,4 @@ def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str,
             names = renewing.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             pass
-    builder = (x509.CertificateSigningRequestBuilder().subject_name(subject)
-               .add_extension(names, critical=False))
-    return builder.sign(key, hashes.SHA256())
+    return subject, names

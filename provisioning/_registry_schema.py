@@ -14,6 +14,12 @@ at start). The issuances are rebuilt from the audit log's issued rows: the
 endpoint says renew or recover, and a simpleenroll is a bootstrap re-enrollment
 when the device had been issued a certificate before (what the policy checks),
 so no reason text is read.
+
+Version 3 (key attestation, issue 16) adds the device's attestation key, as the
+factory registered it (its TPMT_PUBLIC, TPM name, and the fingerprint of the EK
+certificate it was proven resident with), and ``certificates.attested``: whether
+the EST server verified that the certificate's key lives in the device's TPM.
+Rows from before version 3 are not attested (0).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from .errors import RegistryError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {table} (
         issuer TEXT NOT NULL,
@@ -37,7 +43,11 @@ _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {table} (
         revocation_reason TEXT,
         revoked_at TEXT,
         recorded TEXT NOT NULL,
+        attested INTEGER NOT NULL DEFAULT 0 CHECK (attested IN (0, 1)),
         PRIMARY KEY (issuer, serial))"""
+
+_ATTESTED_FROM_2 = ("ALTER TABLE certificates ADD COLUMN"
+                    " attested INTEGER NOT NULL DEFAULT 0 CHECK (attested IN (0, 1))")
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -69,6 +79,15 @@ SCHEMA = (
         BEGIN SELECT RAISE(ABORT, 'issuances are append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS issuances_no_delete BEFORE DELETE ON issuances
         BEGIN SELECT RAISE(ABORT, 'issuances are append-only'); END""",
+    # The device's attestation key (AK): one per device, replaced when the factory
+    # provisions it again. ``ak_public`` is the marshalled TPMT_PUBLIC the EST server
+    # verifies TPM2_Certify evidence with; ``ak_name`` its TPM name (hex).
+    """CREATE TABLE IF NOT EXISTS attestation_keys (
+        device_id TEXT PRIMARY KEY REFERENCES devices (device_id),
+        ak_public BLOB NOT NULL,
+        ak_name TEXT NOT NULL,
+        ek_cert_sha256 TEXT NOT NULL,
+        registered TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS pending (
         device_id TEXT PRIMARY KEY,
         bootstrap_fingerprint TEXT NOT NULL,
@@ -142,7 +161,9 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
             raise RegistryError(f"{path} has schema version {version}; this program knows "
                                 f"{SCHEMA_VERSION} at most")
         if version == 1:
-            _certificates_from_1(db)
+            _certificates_from_1(db)  # the table is made with version 3's columns
+        elif version == 2:
+            db.execute(_ATTESTED_FROM_2)
         for statement in SCHEMA:
             db.execute(statement)
         if version == 1:

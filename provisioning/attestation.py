@@ -49,6 +49,11 @@ from device_agent.csr_attestation import (
 
 from .errors import ProvisioningError
 
+# The certificate policy an EST-issued certificate carries when its key's TPM residency
+# was verified, so a relying party can require it. Under the documentation arc of
+# RFC 5612 (enterprise number 32473): replace it by an OID under an assigned arc.
+ATTESTED_KEY_POLICY = x509.ObjectIdentifier("1.3.6.1.4.1.32473.16.1")
+
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_CERTIFY = 0x8017
 

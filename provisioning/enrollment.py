@@ -24,10 +24,18 @@ with an expired certificate: the recovery listener lets that certificate
 through TLS, and :func:`decide` bounds what it may still do (a grace window,
 the device's latest certificate only, a new key, a daily budget). Past the
 grace window the bootstrap certificate is the way back, under its own budget.
+
+Key attestation (issue 16) is checked by the service before it calls
+:func:`decide` (the evidence needs the device's registered AK): the result
+arrives as :attr:`Records.evidence`, and the policy's ``key_attestation`` says
+what it takes: ``required`` (no evidence, 403), ``optional`` (evidence that
+is there must verify), ``off`` (evidence is not read). It is the last check on a
+request, after everything else about it was found in order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import math
@@ -88,6 +96,14 @@ class BootstrapReenroll(StrEnum):
     NEVER = "never"
 
 
+class KeyAttestation(StrEnum):
+    """Whether a CSR must prove, with TPM2_Certify evidence, that its key lives in the TPM."""
+
+    REQUIRED = "required"
+    OPTIONAL = "optional"   # evidence sent must verify; none is accepted (unattested)
+    OFF = "off"             # evidence is not read
+
+
 @dataclass(frozen=True)
 class Policy:
     unknown_devices: UnknownDevices = UnknownDevices.REFUSE
@@ -98,6 +114,7 @@ class Policy:
     bootstrap_reenroll: BootstrapReenroll = BootstrapReenroll.ACTIVE
     bootstrap_reenrolls_per_day: int = 3
     renewals_per_day: int = 24
+    key_attestation: KeyAttestation = KeyAttestation.OFF
 
     def __post_init__(self) -> None:
         if self.pending_retry_after < 1:
@@ -193,6 +210,25 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """The service's check of a CSR's key attestation against the device's registered AK.
+
+    ``present``: the CSR carried the attribute; ``problem``: why it does not prove the
+    key TPM-resident (None: it does). Not looked at (policy off): :data:`NO_EVIDENCE`.
+    """
+
+    present: bool = False
+    problem: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.present and self.problem is None
+
+
+NO_EVIDENCE = Evidence()
+
+
+@dataclass(frozen=True)
 class Records:
     """What the registry knows about the peer; empty for a peer it has never seen.
 
@@ -210,12 +246,14 @@ class Records:
     latest_serial: str | None = None
     unexpired_serials: tuple[str, ...] = ()
     recent: tuple[dt.datetime, ...] = ()
+    evidence: Evidence = NO_EVIDENCE
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer; an issuance says its ``issuance`` kind and lists in ``supersede`` the
-    serials (the Device CA's) to revoke as superseded with it."""
+    """The answer; an issuance says its ``issuance`` kind, lists in ``supersede`` the
+    serials (the Device CA's) to revoke as superseded with it, and whether its key was
+    ``attested`` (the certificate says so)."""
 
     outcome: Outcome
     status: int
@@ -224,6 +262,7 @@ class Decision:
     retry_after: int | None = None
     supersede: tuple[str, ...] = ()
     issuance: IssuanceKind | None = None
+    attested: bool = False
 
 
 def _refuse(status: int, reason: str, device_id: str | None = None) -> Decision:
@@ -236,10 +275,21 @@ def decide(operation: Operation, peer: Peer | None, request: Request | Enrollmen
     if peer is None:
         return _refuse(401, "no client certificate")
     if operation is Operation.ENROLL:
-        return _enroll(peer, request, records, policy, now)
-    if operation is Operation.RECOVER:
-        return _recover(peer, request, records, policy, now)
-    return _reenroll(peer, request, records, policy, now)
+        decision = _enroll(peer, request, records, policy, now)
+    elif operation is Operation.RECOVER:
+        decision = _recover(peer, request, records, policy, now)
+    else:
+        decision = _reenroll(peer, request, records, policy, now)
+    if decision.outcome is not Outcome.ISSUE or policy.key_attestation is KeyAttestation.OFF:
+        return decision  # a held request is checked again when it is asked to be issued
+    # Everything else about the request is in order: now whether its key is proven.
+    evidence = records.evidence
+    if evidence.present and evidence.problem is not None:
+        return _refuse(403, f"key attestation refused: {evidence.problem}", decision.device_id)
+    if not evidence.present and policy.key_attestation is KeyAttestation.REQUIRED:
+        return _refuse(403, "key attestation required: the CSR carries no TPM evidence for "
+                            "its key", decision.device_id)
+    return dataclasses.replace(decision, attested=evidence.verified)
 
 
 def _enroll(peer: Peer, request: Request | EnrollmentRefused, records: Records,

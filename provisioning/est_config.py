@@ -33,6 +33,7 @@ recoveries_per_day = 3         # per device, rolling 24 h; beyond it 429 + Retry
 bootstrap_reenroll = "active"  # or "never": an enrolled device may not use its bootstrap again
 bootstrap_reenrolls_per_day = 3
 renewals_per_day = 24          # per device, rolling 24 h; beyond it 429 + Retry-After
+key_attestation = "off"        # or "optional", "required": TPM2_Certify evidence in the CSR
 ```
 
 Relative paths are read from the configuration file's directory.
@@ -75,7 +76,7 @@ from typing import Any
 
 from device_agent.errors import ConfigError
 
-from .enrollment import BootstrapReenroll, Policy, UnknownDevices
+from .enrollment import BootstrapReenroll, KeyAttestation, Policy, UnknownDevices
 from .pki import PKIPaths
 
 # [server] keys for the connection edge (_est_guard.py), read with their defaults' types.
@@ -216,6 +217,11 @@ def load(path: str | Path) -> ServerConfig:
         again = BootstrapReenroll(_take(policy, "policy", "bootstrap_reenroll", str, "active"))
     except ValueError:
         raise ConfigError(f"{source}: policy.bootstrap_reenroll: active or never") from None
+    try:
+        attestation = KeyAttestation(_take(policy, "policy", "key_attestation", str, "off"))
+    except ValueError:
+        raise ConfigError(f"{source}: policy.key_attestation: required, optional or off") \
+            from None
     lifetime = policy.pop("certificate_lifetime", None)
     lifetime = (parse_duration(lifetime, "policy.certificate_lifetime")
                 if lifetime is not None else defaults.certificate_lifetime)
@@ -232,7 +238,8 @@ def load(path: str | Path) -> ServerConfig:
             bootstrap_reenrolls_per_day=_take(policy, "policy", "bootstrap_reenrolls_per_day",
                                               int, 3),
             renewals_per_day=_take(policy, "policy", "renewals_per_day", int,
-                                   default_renewals(lifetime)))
+                                   default_renewals(lifetime)),
+            key_attestation=attestation)
     except ValueError as exc:
         raise ConfigError(f"{source}: policy: {exc}") from exc
     config = ServerConfig(

@@ -3,21 +3,32 @@
 This is where the policy meets the CA and the registry. It is synchronous on
 purpose: each EST worker runs it on one thread that owns the worker's
 registry connection, so the event loop never waits on a database lock.
+
+With ``[policy] key_attestation`` on, the CSR's TPM evidence is verified here,
+against the attestation key registered for the device, before :func:`decide`
+reads the result; an attested certificate carries :data:`ATTESTED_KEY_POLICY`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 
+from device_agent.csr_attestation import EvidenceFormatError, attestation_attribute
+
 from . import pki
+from .attestation import ATTESTED_KEY_POLICY, AttestationError, verify_csr_attestation
 from .enrollment import (
     BUDGET_WINDOW,
     BUDGETS,
+    NO_EVIDENCE,
     Decision,
+    Evidence,
+    KeyAttestation,
     Operation,
     Outcome,
     Peer,
@@ -108,15 +119,21 @@ class EnrollmentService:
         certificate = None
         with self.registry.transaction():
             now = dt.datetime.now(dt.UTC)
-            decision = decide(operation, peer, request, self._records(operation, peer, now),
-                              self.policy, now)
+            records = self._records(operation, peer, now)
+            if csr is not None and self.policy.key_attestation is not KeyAttestation.OFF:
+                device = records.device
+                records = dataclasses.replace(records, evidence=self.evidence(
+                    csr, device.device_id if device else None))
+            decision = decide(operation, peer, request, records, self.policy, now)
             if decision.outcome is Outcome.ISSUE:
                 assert csr is not None and decision.device_id is not None
                 assert decision.issuance is not None
-                certificate = self.device_ca.issue_client(decision.device_id, csr.public_key(),
-                                                          self.lifetime)
+                certificate = self.device_ca.issue_client(
+                    decision.device_id, csr.public_key(), self.lifetime,
+                    policies=(ATTESTED_KEY_POLICY,) if decision.attested else ())
                 self.registry.record_issuance(decision.device_id, certificate,
-                                              decision.issuance, decision.supersede, now)
+                                              decision.issuance, decision.supersede, now,
+                                              attested=decision.attested)
             elif decision.outcome is Outcome.HOLD:
                 assert peer is not None and decision.device_id is not None
                 self.registry.hold(decision.device_id, peer.certificate)
@@ -124,6 +141,22 @@ class EnrollmentService:
         if certificate is not None and decision.supersede and self.superseded is not None:
             self.superseded()
         return Result(decision, peer.serial if peer else None, certificate)
+
+    def evidence(self, csr: x509.CertificateSigningRequest, device_id: str | None) -> Evidence:
+        """The CSR's key attestation checked against the AK registered for ``device_id``."""
+        try:
+            if attestation_attribute(csr) is None:
+                return NO_EVIDENCE
+        except EvidenceFormatError as exc:
+            return Evidence(True, f"attestation attribute unreadable: {exc}")
+        registered = self.registry.attestation_key(device_id) if device_id else None
+        if registered is None:
+            return Evidence(True, f"no attestation key is registered for {device_id}")
+        try:
+            verify_csr_attestation(csr, registered.ak_public)
+        except AttestationError as exc:
+            return Evidence(True, exc.reason)
+        return Evidence(True)
 
     def refuse(self, operation: Operation, peer_der: bytes | None, status: int,
                reason: str) -> Result:

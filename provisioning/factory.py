@@ -7,17 +7,27 @@ allowlist the device in the registry. Everything is checked before anything is
 written (the agent.toml as the agent will check it, before the TPM is touched),
 the files are assembled in a temporary directory and moved into place in one
 rename, so a refusal or a crash leaves no partial identity behind.
+
+With manufacturer roots in the line settings (issue 16), the TPM must prove who
+made it before anything is written: its EK certificate from NV chains to one of
+those roots and names the EK the TPM holds; a new attestation key (AK) is
+proven to sit beside that EK by credential activation; the AK's key file is
+written beside the bootstrap key (``attestation.tss``, named in agent.toml as
+``[paths] attestation_key``), and its public area and the EK certificate's
+fingerprint are registered with the device, so the EST server can verify the
+TPM2_Certify evidence the device's CSRs carry.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +36,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from device_agent._files import fsync_dir, write_private
+from device_agent.attest import (
+    AttestationKeyBlob,
+    activate_credential,
+    create_attestation_key,
+    endorsement_key,
+    read_endorsement,
+)
 from device_agent.config import (
     AgentConfig,
     APISection,
@@ -35,18 +52,29 @@ from device_agent.config import (
     PathsSection,
     render_toml,
 )
-from device_agent.errors import ConfigError, IdentityError
+from device_agent.errors import ConfigError, IdentityError, TPMError
 from device_agent.identity import validate_device_id
-from device_agent.keystore import open_keystore
-from device_agent.tpm import build_csr
+from device_agent.keystore import KeyStore, is_file_keystore, open_keystore
+from device_agent.tpm import TPM, build_csr
 
 from . import pki
-from .registry import certificate_fingerprint
+from .attestation import (
+    AttestationError,
+    check_attestation_key,
+    check_ek_matches,
+    ek_fingerprint,
+    make_credential,
+    parse_public,
+    verify_ek_certificate,
+)
+from .registry import AttestationKey, certificate_fingerprint
+from .registry import Registrar as Registrar  # the factory's hook, re-exported
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_LIFETIME = dt.timedelta(days=15 * 365)
 FILES = ("agent.toml", "bootstrap.pem", "bootstrap.tss", "trust.pem", "identity.json")
+AK_FILE = "attestation.tss"  # written too when the line attests TPMs
 SAMPLE_DEVICE = ("line-check", "device:/dev/tpmrm0")  # what a line's own settings are checked with
 
 
@@ -95,9 +123,18 @@ class LineSettings:
     api_socket: Path | None = Path("/run/device-agent/api.sock")
     service_group: int | None = None  # gid the installed agent runs as; it must read the files
     recovery_url: str | None = None  # the EST server's recovery listener, for expired certificates
+    # TPM makers whose EK certificates this line accepts; empty: no key attestation
+    manufacturer_roots: tuple[x509.Certificate, ...] = ()
+    manufacturer_intermediates: tuple[x509.Certificate, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.manufacturer_intermediates and not self.manufacturer_roots:
+            raise FactoryError("manufacturer intermediates need manufacturer roots")
         agent_config(*SAMPLE_DEVICE, self.installed_dir or Path("/"), self)
+
+    @property
+    def attests(self) -> bool:
+        return bool(self.manufacturer_roots)
 
 
 def agent_config(device_id: str, tcti: str, installed: Path, line: LineSettings) -> AgentConfig:
@@ -105,7 +142,8 @@ def agent_config(device_id: str, tcti: str, installed: Path, line: LineSettings)
     config = AgentConfig(
         device=DeviceSection(device_id, tcti),
         paths=PathsSection(line.state_dir, installed / "bootstrap.pem",
-                           installed / "bootstrap.tss", installed / "trust.pem"),
+                           installed / "bootstrap.tss", installed / "trust.pem",
+                           installed / AK_FILE if line.attests else None),
         est=ESTSection(line.est_url, line.recovery_url),
         mqtt=MQTTSection(line.broker_host, line.broker_port),
         api=APISection(line.api_socket),
@@ -129,14 +167,52 @@ class Summary:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
-Registrar = Callable[[str, x509.Certificate, x509.Certificate | None], None]
-
-
 def _summary(device_id: str, tcti: str, out_dir: Path, cert: x509.Certificate) -> Summary:
     public = cert.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    names = FILES + ((AK_FILE,) if (out_dir / AK_FILE).exists() else ())
     return Summary(device_id, f"{cert.serial_number:x}", certificate_fingerprint(cert),
-                   public.decode(), tcti, {name: str(out_dir / name) for name in FILES})
+                   public.decode(), tcti, {name: str(out_dir / name) for name in names})
+
+
+def attest_tpm(tpm: KeyStore, device_id: str,
+               line: LineSettings) -> tuple[AttestationKeyBlob, AttestationKey]:
+    """The TPM is of a maker the line trusts and holds a new AK beside its EK.
+
+    EK certificate from NV, its chain to ``line.manufacturer_roots``, the EK it
+    names, then TPM2_MakeCredential (here, in software) and
+    TPM2_ActivateCredential (in the TPM) of a random secret for the new AK: only
+    the TPM holding both gives the secret back. Every refusal is a FactoryError.
+    """
+    if not isinstance(tpm, TPM):
+        raise FactoryError("key attestation needs a TPM: the file keystore (simulation) "
+                           "runs with attestation off (no manufacturer roots)")
+    try:
+        endorsement = read_endorsement(tpm)
+        certificate = x509.load_der_x509_certificate(endorsement.certificate)
+        verify_ek_certificate(certificate, line.manufacturer_roots,
+                              line.manufacturer_intermediates)
+        with endorsement_key(tpm, endorsement) as (_, ek_public):
+            ek = check_ek_matches(ek_public, certificate)
+        ak = create_attestation_key(tpm)
+        ak_public = parse_public(ak.public_area)
+        check_attestation_key(ak_public)
+        secret = secrets.token_bytes(32)
+        blob, encrypted = make_credential(ek, ak_public.name, secret)
+    except (AttestationError, ValueError) as exc:
+        raise FactoryError(f"TPM refused for key attestation: {exc}") from exc
+    except TPMError as exc:
+        raise FactoryError(f"TPM refused for key attestation: {exc}") from exc
+    try:
+        returned = activate_credential(tpm, ak, endorsement, blob, encrypted)
+    except TPMError as exc:
+        raise FactoryError(f"the attestation key could not be proven to live beside the EK "
+                           f"(credential activation failed: {exc})") from exc
+    if not hmac.compare_digest(returned, secret):
+        raise FactoryError("the attestation key could not be proven to live beside the EK "
+                           "(credential activation returned another secret)")
+    return ak, AttestationKey(device_id, ak.public_area, ak_public.name,
+                              ek_fingerprint(certificate))
 
 
 def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None:
@@ -171,7 +247,13 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise FactoryError(f"{out_dir} is not empty and holds no device identity")
 
+    if line.attests and is_file_keystore(tcti):
+        raise FactoryError("key attestation needs a TPM: the file keystore (simulation) "
+                           "runs with attestation off (no manufacturer roots)")
+    attestation: tuple[AttestationKeyBlob, AttestationKey] | None = None
     with open_keystore(tcti) as tpm:
+        if line.attests:
+            attestation = attest_tpm(tpm, device_id, line)
         blob = tpm.create_key()
         with tpm.loaded(blob) as key:
             csr = build_csr(key, device_id)
@@ -184,19 +266,25 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     try:
         identity = json.dumps({"device_id": device_id, "tcti": tcti,
                                "bootstrap_serial": f"{cert.serial_number:x}"}).encode()
-        # The key blob is TPM-wrapped (useless off this chip): the agent's group may read it.
-        for name, data, mode in (("bootstrap.tss", blob.pem, 0o640),
-                                 ("bootstrap.pem", pki.cert_pem(cert), 0o644),
-                                 ("trust.pem", line.server_trust.read_bytes(), 0o644),
-                                 ("agent.toml", render_toml(config).encode(), 0o640),
-                                 ("identity.json", identity, 0o644)):
+        # Key blobs are TPM-wrapped (useless off this chip): the agent's group may read them.
+        files = [("bootstrap.tss", blob.pem, 0o640),
+                 ("bootstrap.pem", pki.cert_pem(cert), 0o644),
+                 ("trust.pem", line.server_trust.read_bytes(), 0o644),
+                 ("agent.toml", render_toml(config).encode(), 0o640),
+                 ("identity.json", identity, 0o644)]
+        if attestation is not None:
+            files.append((AK_FILE, attestation[0].pem, 0o640))
+        for name, data, mode in files:
             write_private(staging / name, data, mode)
             if line.service_group is not None:
                 os.chown(staging / name, -1, line.service_group)
         if line.service_group is not None:
             os.chown(staging, -1, line.service_group)
         os.chmod(staging, 0o750)  # noqa: S103 - the agent group traverses it
-        register(device_id, cert, previous[1] if previous else None)
+        if attestation is not None:
+            register(device_id, cert, previous[1] if previous else None, attestation[1])
+        else:
+            register(device_id, cert, previous[1] if previous else None)
         _swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,6 +7,11 @@ given and not empty, replaces --recovery-url for that device. What the agent
 would refuse in its agent.toml (an --est-url or --recovery-url that is not an
 https:// URL with a host, a relative --state-dir) is refused before anything is
 written.
+
+With --manufacturer-roots (PEM, one or more TPM makers' root certificates) and
+optionally --manufacturer-intermediates, each TPM must prove its maker and hold a
+new attestation key beside its EK before anything is written (key attestation,
+see provisioning/factory.py); a TPM that does not is refused like any failure.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from cryptography import x509
 
 from device_agent.errors import IdentityError
 
@@ -41,6 +48,18 @@ def _service_group(name: str | None) -> int | None:
         raise IdentityError(f"--group {name}: no such group") from None
 
 
+def _certificates(path: Path | None, option: str) -> tuple[x509.Certificate, ...]:
+    if path is None:
+        return ()
+    try:
+        found = tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+    except OSError as exc:
+        raise IdentityError(f"{option} {path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise IdentityError(f"{option} {path}: not PEM certificates: {exc}") from exc
+    return found
+
+
 def _line(args: argparse.Namespace) -> LineSettings:
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
@@ -50,6 +69,9 @@ def _line(args: argparse.Namespace) -> LineSettings:
         server_trust=pki.PKIPaths(args.pki).server_trust, state_dir=args.state_dir,
         installed_dir=args.installed_dir, api_socket=args.api_socket,
         service_group=_service_group(args.group), recovery_url=args.recovery_url,
+        manufacturer_roots=_certificates(args.manufacturer_roots, "--manufacturer-roots"),
+        manufacturer_intermediates=_certificates(args.manufacturer_intermediates,
+                                                 "--manufacturer-intermediates"),
     )
 
 
@@ -135,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                         "there replaces --recovery-url for that row")
     parser.add_argument("--group", help=f"group the installed agent runs as, given read access "
                         f"to the identity (default: {SERVICE_GROUP}, where that group exists)")
+    parser.add_argument("--manufacturer-roots", type=Path, metavar="PEM",
+                        help="root certificates of the TPM makers this line accepts: each "
+                        "TPM's EK certificate must chain to one, and it gets an attestation "
+                        "key (key attestation; default: off)")
+    parser.add_argument("--manufacturer-intermediates", type=Path, metavar="PEM",
+                        help="intermediate CA certificates for the EK chains, if the TPMs "
+                        "do not carry them")
     parser.add_argument("--force", action="store_true",
                         help="re-provision; the old bootstrap certificate is revoked")
     args = parser.parse_args(argv)

@@ -111,8 +111,10 @@ class Authority:
         public_key: CertificatePublicKeyTypes,
         lifetime: dt.timedelta,
         not_before: dt.datetime | None = None,
+        policies: Sequence[x509.ObjectIdentifier] = (),
     ) -> x509.Certificate:
-        """A device certificate: CN and a URI SAN name the device, clientAuth only."""
+        """A device certificate: CN and a URI SAN name the device, clientAuth only;
+        ``policies``, if any, in a certificatePolicies extension (not critical)."""
         check_public_key(public_key)
         builder = (
             self._builder(_name(validate_device_id(device_id)), public_key, lifetime, not_before)
@@ -124,6 +126,9 @@ class Authority:
                 critical=False,
             )
         )
+        if policies:
+            builder = builder.add_extension(x509.CertificatePolicies(
+                [x509.PolicyInformation(oid, None) for oid in policies]), critical=False)
         return self.sign(builder)
 
     def issue_server(

@@ -15,14 +15,16 @@ kind, which is what the daily budgets count.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -75,10 +77,35 @@ class CertificateRecord:
     revocation_reason: str | None
     revoked_at: str | None
     issuer: str = ""  # RFC 4514; "" for a row from schema 1 no one has adopted yet
+    attested: bool = False  # the EST server verified TPM key attestation for its key
 
     @property
     def revoked(self) -> bool:
         return self.status == "revoked"
+
+
+@dataclass(frozen=True)
+class AttestationKey:
+    """A device's attestation key as the factory registered it (schema 3).
+
+    ``ak_public`` is the marshalled TPMT_PUBLIC, ``ak_name`` its TPM name, and
+    ``ek_cert_sha256`` the fingerprint of the EK certificate whose TPM proved,
+    by credential activation, that it holds the AK.
+    """
+
+    device_id: str
+    ak_public: bytes
+    ak_name: bytes
+    ek_cert_sha256: str
+    registered: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ak_public, bytes) or not self.ak_public:
+            raise ValueError("ak_public must be non-empty bytes")
+        if not isinstance(self.ak_name, bytes) or len(self.ak_name) < 2:
+            raise ValueError("ak_name must be a TPM name (bytes)")
+        if len(self.ek_cert_sha256) != 64:
+            raise ValueError("ek_cert_sha256 must be a SHA-256 hex digest")
 
 
 @dataclass(frozen=True)
@@ -151,11 +178,12 @@ def _common_name(certificate: x509.Certificate) -> str | None:
 
 
 _CERTIFICATE = ("SELECT serial, device_id, kind, not_before, not_after, public_key_sha256,"
-                " status, revocation_reason, revoked_at, issuer FROM certificates")
+                " status, revocation_reason, revoked_at, issuer, attested FROM certificates")
 
 
 def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
-    return CertificateRecord(row[0], row[1], CertKind(row[2]), *row[3:])
+    return CertificateRecord(row[0], row[1], CertKind(row[2]), row[3], row[4], row[5], row[6],
+                             row[7], row[8], row[9], bool(row[10]))
 
 
 class Registry:
@@ -271,17 +299,18 @@ class Registry:
     # --- certificates --------------------------------------------------------------------
 
     def record_certificate(self, device_id: str, certificate: x509.Certificate,
-                           kind: CertKind) -> None:
+                           kind: CertKind, attested: bool = False) -> None:
         serial = serial_hex(certificate.serial_number)
         issuer = issuer_name(certificate.issuer)
         try:
             cursor = self._db.execute(
                 "INSERT INTO certificates (issuer, serial, device_id, kind, not_before, not_after,"
-                " public_key_sha256, status, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?)"
+                " public_key_sha256, status, recorded, attested)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)"
                 " ON CONFLICT (issuer, serial) DO NOTHING",
                 (issuer, serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
                  timestamp(certificate.not_valid_after_utc),
-                 public_key_fingerprint(certificate.public_key()), timestamp()))
+                 public_key_fingerprint(certificate.public_key()), timestamp(), int(attested)))
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot record certificate {serial}: {exc}") from exc
         if cursor.rowcount == 0:
@@ -291,12 +320,14 @@ class Registry:
                                     f"{known.device_id if known else 'another device'}")
 
     def record_issuance(self, device_id: str, certificate: x509.Certificate, kind: IssuanceKind,
-                        supersede: tuple[str, ...] = (), when: dt.datetime | None = None) -> None:
-        """An operational certificate handed out: its record, its issuance row, and the
-        serials of the same issuer it supersedes, in one transaction."""
+                        supersede: tuple[str, ...] = (), when: dt.datetime | None = None,
+                        attested: bool = False) -> None:
+        """An operational certificate handed out: its record (``attested``: its key's TPM
+        attestation was verified), its issuance row, and the serials of the same issuer
+        it supersedes, in one transaction."""
         issuer = issuer_name(certificate.issuer)
         with self.transaction():
-            self.record_certificate(device_id, certificate, CertKind.OPERATIONAL)
+            self.record_certificate(device_id, certificate, CertKind.OPERATIONAL, attested)
             self._query("INSERT INTO issuances (device_id, kind, issuer, serial, at)"
                         " VALUES (?, ?, ?, ?, ?)",
                         (device_id, kind.value, issuer, serial_hex(certificate.serial_number),
@@ -418,6 +449,35 @@ class Registry:
                                dt.datetime.fromisoformat(not_after))
                 for serial, at, reason, not_after in rows]
 
+    # --- attestation keys (schema 3) ------------------------------------------------------
+
+    def register_attestation_key(self, key: AttestationKey) -> AttestationKey:
+        """Record (or replace, when the factory provisions the device again) its AK."""
+        with self.transaction():
+            if self.device(key.device_id) is None:
+                raise RegistryError(f"no device {key.device_id} to register an attestation "
+                                    "key for")
+            now = timestamp()
+            self._query("INSERT INTO attestation_keys (device_id, ak_public, ak_name,"
+                        " ek_cert_sha256, registered) VALUES (?, ?, ?, ?, ?)"
+                        " ON CONFLICT (device_id) DO UPDATE SET ak_public = excluded.ak_public,"
+                        " ak_name = excluded.ak_name, ek_cert_sha256 = excluded.ek_cert_sha256,"
+                        " registered = excluded.registered",
+                        (key.device_id, key.ak_public, key.ak_name.hex(), key.ek_cert_sha256,
+                         now))
+            self.audit(AuditEntry("attestation-key", "registered",
+                                  f"AK {key.ak_name.hex()} proven beside EK certificate "
+                                  f"{key.ek_cert_sha256}", key.device_id))
+        return dataclasses.replace(key, registered=now)
+
+    def attestation_key(self, device_id: str) -> AttestationKey | None:
+        rows = self._query("SELECT device_id, ak_public, ak_name, ek_cert_sha256, registered"
+                           " FROM attestation_keys WHERE device_id = ?", (device_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return AttestationKey(row[0], bytes(row[1]), bytes.fromhex(row[2]), row[3], row[4])
+
     # --- requests held for an operator (RFC 7030 4.2.3) ----------------------------------
 
     def pending(self, device_id: str) -> PendingRequest | None:
@@ -519,12 +579,25 @@ def open_registry(path: str | Path, busy_timeout: float = 10.0,
         db.close()
 
 
-def registrar(path: str | Path) -> Callable[[str, x509.Certificate, x509.Certificate | None], None]:
-    """The factory's hook: allowlist a device in the registry at ``path``."""
+class Registrar(Protocol):
+    """The factory's registrar: a device, its bootstrap certificate, the one it replaces,
+    and (when the line attests TPMs) its attestation key."""
+
+    def __call__(self, device_id: str, bootstrap: x509.Certificate,
+                 previous: x509.Certificate | None,
+                 attestation: AttestationKey | None = None) -> None: ...
+
+
+def registrar(path: str | Path) -> Registrar:
+    """The factory's hook: allowlist a device in the registry at ``path``, and record its
+    attestation key when given (one transaction)."""
 
     def register(device_id: str, bootstrap: x509.Certificate,
-                 previous: x509.Certificate | None) -> None:
-        with open_registry(path) as registry:
+                 previous: x509.Certificate | None,
+                 attestation: AttestationKey | None = None) -> None:
+        with open_registry(path) as registry, registry.transaction():
             registry.register_device(device_id, bootstrap, previous)
+            if attestation is not None:
+                registry.register_attestation_key(attestation)
 
     return register

@@ -22,7 +22,7 @@ from device_agent.config import (
     RenewalSection,
     render_toml,
 )
-from device_agent.credentials import CredentialStore
+from device_agent.credentials import CertificateFacts, CredentialStore
 from device_agent.keystore import open_keystore
 from provisioning import pki
 
@@ -54,7 +54,8 @@ def seed_operational(config_path: Path, tcti: str, authority: pki.Authority,
         blob = tpm.create_key()
     cert = authority.issue_client(config.device.id, blob.public_key(), lifetime)
     store = CredentialStore(config.paths.state_dir)
-    store.activate(store.stage(blob, pki.cert_pem(cert)))
+    pem = pki.cert_pem(cert)
+    store.activate(store.stage(blob, pem, CertificateFacts.of(pem)))
 
 
 def issue_file_client(directory: Path, authority: pki.Authority, name: str,

@@ -18,6 +18,7 @@ import pytest
 from device_agent.tpm import TPM, KeyBlob
 from provisioning import pki
 from simulator import seed
+from simulator.manufacturer import Manufacturer
 from simulator.processes import DBusSession, Mosquitto, SoftwareTPM, free_port
 
 BACKEND_ID = "backend"
@@ -43,6 +44,21 @@ def other_swtpm(
 ) -> Iterator[SoftwareTPM]:
     """A second, unrelated TPM."""
     with SoftwareTPM(tmp_path_factory.mktemp("swtpm-other"), dbus, "other") as tpm:
+        yield tpm
+
+
+@pytest.fixture(scope="session")
+def manufacturer(tmp_path_factory: pytest.TempPathFactory) -> Manufacturer:
+    """A TPM maker (swtpm_localca): the roots a key-attesting factory line trusts."""
+    return Manufacturer(tmp_path_factory.mktemp("manufacturer"), "maker-test")
+
+
+@pytest.fixture(scope="session")
+def made_swtpm(tmp_path_factory: pytest.TempPathFactory, dbus: DBusSession,
+               manufacturer: Manufacturer) -> Iterator[SoftwareTPM]:
+    """A TPM with EK certificates from ``manufacturer``, behind tpm2-abrmd like /dev/tpmrm0."""
+    with SoftwareTPM(tmp_path_factory.mktemp("made-swtpm"), dbus, "made", max_transients=3,
+                     manufacturer=manufacturer) as tpm:
         yield tpm
 
 

@@ -126,3 +126,35 @@ def test_commands_are_answered_through_the_response_topic(
     assert by_correlation[b"c-1"]["ok"] and "pong" in by_correlation[b"c-1"]
     assert by_correlation[b"c-2"] == {"ok": True, "accepted": "renew"}
     assert renewed["key_sha256"] != first["key_sha256"]
+
+
+HEAVY_LIBRARIES = ("cryptography", "tpm2_pytss")
+
+
+def mapped_libraries(pid: int) -> set[str]:
+    """Which of HEAVY_LIBRARIES have a file mapped into process ``pid`` (their C parts)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {name for name in HEAVY_LIBRARIES if f"/{name}/" in maps}
+
+
+def test_the_daemon_never_loads_the_tpm_binding_or_cryptography(
+    tmp_path: Path, swtpm: SoftwareTPM, pki_dir: pki.PKIPaths, enrollment_server: ESTServer,
+    broker: Mosquitto,
+) -> None:
+    """Issue 15: key generation, CSRs and EST run in a credential job of their own; the
+    daemon keeps TLS (through the OpenSSL provider), paho, the outbox and the API. Checked
+    after a first enrollment and a renewal, by what the process has mapped."""
+    device = factory_device(tmp_path, "light-1", swtpm, pki_dir, enrollment_server, broker,
+                            fraction=0.3)
+    with device as agent:
+        status = agent.wait_for(lambda s: s.get("connected") and s.get("generation") == 2,
+                                45, "enrollment, then a renewal")
+        assert agent.process is not None
+        pid = agent.process.pid
+        loaded = mapped_libraries(pid)
+        rss_kb = int(next(line.split()[1] for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:")))
+    assert status["key_sha256"] and status["cert_serial"]
+    assert loaded == set(), f"the daemon loaded {loaded}"
+    print(f"\ndaemon RSS after enrollment and a renewal: {rss_kb / 1024:.1f} MB")

@@ -76,3 +76,15 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 def test_renewal_fraction_and_jitter_must_leave_room() -> None:
     with pytest.raises(ConfigError, match=r"\[renewal\] jitter"):
         AgentConfig.from_toml(VALID + "\n[renewal]\nfraction = 0.9\njitter = 0.2\n")
+
+
+def test_the_attestation_key_is_optional_and_an_absolute_path() -> None:
+    assert AgentConfig.from_toml(VALID).paths.attestation_key is None
+    text = VALID.replace('server_trust = "/etc/device-agent/trust.pem"',
+                         'server_trust = "/etc/device-agent/trust.pem"\n'
+                         'attestation_key = "/etc/device-agent/attestation.tss"')
+    config = AgentConfig.from_toml(text)
+    assert config.paths.attestation_key == Path("/etc/device-agent/attestation.tss")
+    assert AgentConfig.from_toml(render_toml(config)) == config
+    with pytest.raises(ConfigError, match=r"\[paths\] attestation_key: must be an absolute"):
+        AgentConfig.from_toml(text.replace('"/etc/device-agent/attestation.tss"', '"ak.tss"'))

@@ -9,6 +9,7 @@ beyond the count kept, and what the broker refused is never made current again.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import tempfile
@@ -21,9 +22,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from device_agent.credentials import (
     KEEP_ASIDE,
     KEEP_GENERATIONS,
+    CertificateFacts,
     CredentialStore,
     Generation,
 )
+
+T0 = dt.datetime(2026, 12, 2, tzinfo=dt.UTC)
+FACTS = CertificateFacts(0x1234, T0, T0 + dt.timedelta(days=7), "00" * 32)
 
 
 class FakeKey:
@@ -51,7 +56,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _stage(self) -> Generation:
         self.made += 1
-        generation = self.store.stage(FakeKey(self.made), f"cert-{self.made}".encode())
+        generation = self.store.stage(FakeKey(self.made), f"cert-{self.made}".encode(), FACTS)
         self.complete.add(generation.number)
         return generation
 

@@ -14,7 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from device_agent.errors import ConfigError
 from provisioning import est_config, pki
 from provisioning.enrollment import (
+    NO_EVIDENCE,
     Decision,
+    Evidence,
+    KeyAttestation,
     Operation,
     Outcome,
     Peer,
@@ -235,3 +238,53 @@ class TestRenewalConfig:
     def test_fewer_than_a_renewal_every_half_lifetime_is_refused(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"renewals_per_day \(at least 48 "):
             self.load(tmp_path, 'certificate_lifetime = "1h"\nrenewals_per_day = 24')
+
+
+class TestKeyAttestation:
+    """The service verifies the evidence; decide reads the result as the last request check."""
+
+    REQUIRED = Policy(key_attestation=KeyAttestation.REQUIRED)
+    OPTIONAL = Policy(key_attestation=KeyAttestation.OPTIONAL)
+    GOOD, BAD = Evidence(present=True), Evidence(present=True, problem="made for another key")
+
+    def test_off_by_default_and_evidence_is_not_read(self) -> None:
+        assert DEFAULT.key_attestation is KeyAttestation.OFF
+        for evidence in (NO_EVIDENCE, self.BAD, self.GOOD):
+            decision = enroll(records=replace(ENROLL_FACTS, evidence=evidence))
+            assert (decision.status, decision.attested) == (200, False)
+
+    @pytest.mark.parametrize("operation", [enroll, reenroll])
+    def test_required_issues_attested_and_refuses_without_or_with_bad_evidence(
+            self, operation: object) -> None:
+        facts = ENROLL_FACTS if operation is enroll else REENROLL_FACTS
+        run = operation  # type: ignore[assignment]
+        good = run(records=replace(facts, evidence=self.GOOD), policy=self.REQUIRED)
+        none = run(records=facts, policy=self.REQUIRED)
+        bad = run(records=replace(facts, evidence=self.BAD), policy=self.REQUIRED)
+        assert (good.outcome, good.attested) == (Outcome.ISSUE, True)
+        assert (none.status, none.reason) == (403, "key attestation required: the CSR carries "
+                                                   "no TPM evidence for its key")
+        assert (bad.status, bad.reason, bad.supersede) == \
+            (403, "key attestation refused: made for another key", ())
+
+    def test_optional_accepts_no_evidence_unattested_but_never_bad_evidence(self) -> None:
+        plain = enroll(policy=self.OPTIONAL)
+        assert (plain.status, plain.attested) == (200, False)
+        assert enroll(records=replace(ENROLL_FACTS, evidence=self.GOOD),
+                      policy=self.OPTIONAL).attested
+        assert enroll(records=replace(ENROLL_FACTS, evidence=self.BAD),
+                      policy=self.OPTIONAL).status == 403
+
+    def test_other_refusals_come_first(self) -> None:
+        decision = enroll(csr("dev-2", uri=None), policy=self.REQUIRED)
+        assert (decision.status, "names 'dev-2'" in decision.reason) == (403, True)
+
+    @pytest.mark.parametrize(("text", "expected"), [
+        ("", KeyAttestation.OFF), ('key_attestation = "required"', KeyAttestation.REQUIRED),
+        ('key_attestation = "optional"', KeyAttestation.OPTIONAL)])
+    def test_the_config_key(self, tmp_path: Path, text: str, expected: KeyAttestation) -> None:
+        assert TestRenewalConfig.load(tmp_path, text).policy.key_attestation is expected
+
+    def test_an_unknown_value_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="key_attestation: required, optional or off"):
+            TestRenewalConfig.load(tmp_path, 'key_attestation = "yes"')

@@ -13,10 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
+from device_agent import attest
 from device_agent.config import AgentConfig
+from device_agent.tpm import TPM
 from provisioning import pki
 from provisioning.registry import open_registry
+from simulator.manufacturer import Manufacturer
 from simulator.processes import SoftwareTPM, require
 
 from .tpm_tools import attributes, load_and_read
@@ -313,3 +318,62 @@ def test_a_batch_row_may_name_its_own_recovery_listener(
     with open_registry(line["registry"]) as registry:
         assert registry.device("rec-bad") is None and registry.device("rec-five") is None
         assert registry.device("rec-own") is not None
+
+
+# --- key attestation: the TPM's maker and its attestation key ------------------------------
+
+def pem_file(path: Path, *certificates: x509.Certificate) -> Path:
+    path.write_bytes(b"".join(pki.cert_pem(c) for c in certificates))
+    return path
+
+
+def test_a_tpm_of_a_trusted_maker_gets_an_attestation_key_proven_beside_its_ek(
+    line: dict[str, Path], made_swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
+) -> None:
+    roots = pem_file(tmp_path / "roots.pem", manufacturer.root)
+    chain = pem_file(tmp_path / "chain.pem", manufacturer.issuer)
+    out = tmp_path / "etc"
+    result = provision(line, "--device-id", "fab-att", "--tcti", made_swtpm.tcti,
+                       "--out", str(out), "--manufacturer-roots", str(roots),
+                       "--manufacturer-intermediates", str(chain), env=made_swtpm.env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["attestation.tss"] == str(out / "attestation.tss")
+    assert stat.S_IMODE((out / "attestation.tss").stat().st_mode) == 0o640  # as bootstrap.tss
+    assert AgentConfig.load(out / "agent.toml").paths.attestation_key == out / "attestation.tss"
+    ak = attest.AttestationKeyBlob.read(out / "attestation.tss")
+    with TPM(made_swtpm.tcti) as tpm:
+        ek_certificate = x509.load_der_x509_certificate(attest.read_endorsement(tpm).certificate)
+    with open_registry(line["registry"]) as registry:
+        registered = registry.attestation_key("fab-att")
+    assert registered is not None
+    assert (registered.ak_public, registered.ek_cert_sha256) == \
+        (ak.public_area, ek_certificate.fingerprint(hashes.SHA256()).hex())
+
+
+def test_a_tpm_of_an_unknown_maker_is_refused_and_nothing_is_written(
+    line: dict[str, Path], made_swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
+) -> None:
+    roots = pem_file(tmp_path / "roots.pem", manufacturer.root)
+    stranger = Manufacturer(tmp_path / "maker-b", "maker-b")
+    with SoftwareTPM(tmp_path / "tpm-b", None, "b", manufacturer=stranger) as other:
+        before = listing(tmp_path)
+        result = provision(line, "--device-id", "fab-stranger", "--tcti", other.tcti,
+                           "--out", str(tmp_path / "etc"), "--manufacturer-roots", str(roots))
+        after = listing(tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "does not chain to a trusted TPM manufacturer" in result.stderr
+    assert after == before
+    with open_registry(line["registry"]) as registry:
+        assert registry.device("fab-stranger") is None
+        assert registry.attestation_key("fab-stranger") is None
+
+
+def test_a_tpm_without_ek_certificate_is_refused_when_the_line_attests(
+    line: dict[str, Path], swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
+) -> None:
+    roots = pem_file(tmp_path / "roots.pem", manufacturer.root)
+    result = provision(line, "--device-id", "fab-noek", "--tcti", swtpm.tcti,
+                       "--out", str(tmp_path / "etc"), "--manufacturer-roots", str(roots))
+    assert result.returncode == 2 and "no EK certificate" in result.stderr, result.stderr
+    assert listing(tmp_path) == ["roots.pem"]

@@ -10,6 +10,7 @@ import resource
 import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,26 @@ import pytest
 
 from device_agent.errors import OutboxError
 from device_agent.localapi import MAX_LINE, LocalAPI
+from device_agent.outbox import Draft, Message
 
 
 class Recorder:
-    """Stands in for the outbox: records what was published, or fails like a full disk."""
+    """Stands in for the committer: records what was submitted, or fails like a full disk."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, dict[str, Any]]] = []
         self.fail: OutboxError | None = None
         self.lock = threading.Lock()
 
-    def __call__(self, suffix: str, data: dict[str, Any]) -> int:
+    def __call__(self, draft: Draft) -> Future[Message]:
+        future: Future[Message] = Future()
         if self.fail is not None:
-            raise self.fail
+            future.set_exception(self.fail)
+            return future
         with self.lock:
-            self.published.append((suffix, data))
-            return len(self.published)
+            self.published.append((draft.topic_suffix, json.loads(draft.body)))
+            future.set_result(Message(len(self.published), draft.topic_suffix, b"", 0.0))
+        return future
 
 
 @pytest.fixture
@@ -139,3 +144,31 @@ def test_a_thousand_clients_at_once_are_all_served_without_a_thread_each(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert all(a["ok"] for a in answers)
     assert sorted(d["n"] for _, d in recorder.published) == list(range(1000))
+
+
+def test_pipelined_answers_keep_the_order_of_the_lines_whatever_settles_first(
+    tmp_path: Path,
+) -> None:
+    """Outcomes settled last-first (and a refusal among them) still answer line by line."""
+    held: list[Future[Message]] = []
+
+    def hold(draft: Draft) -> Future[Message]:
+        held.append(Future())
+        return held[-1]
+
+    server = LocalAPI(tmp_path / "api.sock", hold, max_payload=1024)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(server.path))
+            sock.sendall(request(i=0) + request(i=1) + b"not json\n" + request(i=3))
+            while len(held) < 3:
+                threading.Event().wait(0.01)
+            for seq, future in reversed(list(enumerate(held, start=10))):
+                future.set_result(Message(seq, "telemetry", b"", 0.0))
+            replies = sock.makefile("rb")
+            answers = [json.loads(replies.readline()) for _ in range(4)]
+    finally:
+        server.close()
+    assert [a.get("seq") for a in answers] == [10, 11, None, 12]
+    assert answers[2]["ok"] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import sqlite3
 from collections.abc import Iterator
@@ -11,10 +12,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provisioning import pki
+from provisioning import _registry_schema, pki
 from provisioning.errors import RegistryError
 from provisioning.registry import (
     SCHEMA_VERSION,
+    AttestationKey,
     AuditEntry,
     CertKind,
     DeviceState,
@@ -22,6 +24,7 @@ from provisioning.registry import (
     Registry,
     open_registry,
     public_key_fingerprint,
+    registrar,
     serial_hex,
 )
 
@@ -432,3 +435,104 @@ def test_schema_1_certificates_are_named_by_the_cas_that_know_them(
     assert boot is not None and boot.kind is CertKind.BOOTSTRAP
     assert recovered is not None and recovered.status == "issued"
     assert issuers == {device_ca.name.rfc4514_string()}
+
+
+# --- schema 3: attestation keys and attested certificates ------------------------------------
+
+AK = AttestationKey("dev-ak", b"\x00\x23" + b"\x01" * 80, b"\x00\x0b" + b"\x02" * 32, "e" * 64)
+
+
+def test_an_attestation_key_is_registered_replaced_and_audited(
+    registry: Registry, factory: pki.Authority,
+) -> None:
+    with pytest.raises(RegistryError, match="no device dev-ak"):
+        registry.register_attestation_key(AK)
+    registry.register_device("dev-ak", bootstrap(factory, "dev-ak"))
+    registry.register_attestation_key(AK)
+    stored = registry.attestation_key("dev-ak")
+    assert stored is not None and (stored.ak_public, stored.ak_name, stored.ek_cert_sha256) == \
+        (AK.ak_public, AK.ak_name, AK.ek_cert_sha256)
+    registry.register_attestation_key(dataclasses.replace(AK, ak_public=b"\x00\x23\x09"))
+    again = registry.attestation_key("dev-ak")
+    assert again is not None and again.ak_public == b"\x00\x23\x09"
+    assert [row.action for row in registry.audit_log("dev-ak")][-2:] == ["attestation-key"] * 2
+    assert registry.attestation_key("dev-none") is None
+
+
+def test_the_registrar_records_device_and_attestation_key_in_one_step(
+    tmp_path: Path, factory: pki.Authority,
+) -> None:
+    register = registrar(tmp_path / "r.db")
+    register("dev-ak", bootstrap(factory, "dev-ak"), None, AK)
+    register("dev-plain", bootstrap(factory, "dev-plain"), None)
+    with open_registry(tmp_path / "r.db") as registry:
+        assert registry.attestation_key("dev-ak") is not None
+        assert registry.attestation_key("dev-plain") is None
+    with pytest.raises(RegistryError):  # no device: neither is recorded
+        register("bad/id", bootstrap(factory, "dev-x"), None,
+                 dataclasses.replace(AK, device_id="bad/id"))
+
+
+def test_a_certificate_records_whether_its_key_was_attested(
+    registry: Registry, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    registry.register_device("dev-att", bootstrap(factory, "dev-att"))
+    plain, attested = (device_ca.issue_client("dev-att", ec.generate_private_key(
+        ec.SECP256R1()).public_key(), DAY) for _ in range(2))
+    registry.record_issuance("dev-att", plain, IssuanceKind.ENROLL)
+    registry.record_issuance("dev-att", attested, IssuanceKind.RENEW, attested=True)
+    recorded = {c.serial: c.attested for c in registry.certificates("dev-att")
+                if c.kind is CertKind.OPERATIONAL}
+    assert recorded == {serial_hex(plain.serial_number): False,
+                        serial_hex(attested.serial_number): True}
+
+
+# Version 2's certificates table had no ``attested`` column and there was no AK table.
+_ATTESTED_COLUMN = "        attested INTEGER NOT NULL DEFAULT 0 CHECK (attested IN (0, 1)),\n"
+
+
+def schema_2_registry(path: Path, factory: pki.Authority, device_ca: pki.Authority) -> str:
+    db = sqlite3.connect(path)
+    for statement in _registry_schema.SCHEMA:
+        if "attestation_keys" not in statement:
+            db.execute(statement.replace(_ATTESTED_COLUMN, ""))
+    db.execute("INSERT INTO schema_version VALUES (2)")
+    db.execute("INSERT INTO devices VALUES ('dev-2', 'active', 'ff', '2025', '2025')")
+    cert = device_ca.issue_client("dev-2", ec.generate_private_key(ec.SECP256R1()).public_key(),
+                                  DAY)
+    serial = serial_hex(cert.serial_number)
+    db.execute("INSERT INTO certificates VALUES (?, ?, 'dev-2', 'operational', '2025', '2099',"
+               " 'k', 'issued', NULL, NULL, '2025')", (device_ca.name.rfc4514_string(), serial))
+    db.commit()
+    columns = [row[1] for row in db.execute("PRAGMA table_info(certificates)")]
+    db.close()
+    assert "attested" not in columns
+    return serial
+
+
+def test_a_schema_2_registry_is_migrated_to_3(
+    tmp_path: Path, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    serial = schema_2_registry(tmp_path / "v2.db", factory, device_ca)
+    with open_registry(tmp_path / "v2.db") as registry:
+        [old] = registry.certificates("dev-2")
+        assert (old.serial, old.attested) == (serial, False)
+        registry.register_attestation_key(dataclasses.replace(AK, device_id="dev-2"))
+        fresh = device_ca.issue_client("dev-2", ec.generate_private_key(
+            ec.SECP256R1()).public_key(), DAY)
+        registry.record_issuance("dev-2", fresh, IssuanceKind.RENEW, attested=True)
+        assert {c.serial: c.attested for c in registry.certificates("dev-2")} == \
+            {serial: False, serial_hex(fresh.serial_number): True}
+    with open_registry(tmp_path / "v2.db"):  # opening again migrates nothing
+        pass
+    db = sqlite3.connect(tmp_path / "v2.db")
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    db.close()
+
+
+def test_a_schema_1_registry_is_migrated_through_to_3(tmp_path: Path) -> None:
+    schema_1_registry(tmp_path / "old.db")
+    with open_registry(tmp_path / "old.db") as registry:
+        assert not any(c.attested for c in registry.certificates("dev-1"))
+        registry.register_attestation_key(dataclasses.replace(AK, device_id="dev-1"))
+        assert registry.attestation_key("dev-1") is not None

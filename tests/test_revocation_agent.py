@@ -53,8 +53,8 @@ def test_revoking_a_certificate_ends_the_session_and_only_a_new_certificate_retu
         started = time.monotonic()
         result = subprocess.run(
             device_pki("revoke", revoked, "--reason", "keyCompromise", "--pki", pki_dir.base,
-                       "--registry", enrollment_server.registry_path, "--crl",
-                       tmp_path / "crl.pem", "--broker", own_broker.layout.base),
+                       "--registry", enrollment_server.registry_path,
+                       "--broker", own_broker.layout.base),
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         ended = "Client revoked-1 been disconnected by administrative action"
@@ -96,7 +96,8 @@ def test_revoke_device_mid_renewal_leaves_nothing_valid_until_activate(
     agent = factory_device(tmp_path / "dev", device_id, swtpm, pki_dir, enrollment_server,
                            own_broker.mosquitto, fraction=0.4)
     registry_path = enrollment_server.registry_path
-    common = ["--pki", pki_dir.base, "--registry", registry_path, "--crl", tmp_path / "crl.pem",
+    # the PKI's own CRL, which the EST server also publishes to after every supersede
+    common = ["--pki", pki_dir.base, "--registry", registry_path,
               "--broker", own_broker.layout.base]
     with agent:
         agent.wait_for(lambda s: s.get("connected"), 30, "connection")

@@ -1,0 +1,113 @@
+"""One piece of credential work in a short-lived process: the agent's heavy half.
+
+Making a TPM key, having the TPM sign a CSR, the EST exchange and checking the
+certificate need ``tpm2_pytss`` and ``cryptography``, which cost the agent
+about 17 MB for as long as it runs while it uses them a few times a week
+(issue 15). The agent starts this job when its controller asks for work
+(``python -m device_agent.credential_job WORK``), hands it its running
+configuration on stdin (a reload the agent refused must not reach the job),
+and reads one JSON line from its stdout:
+
+* ``{"outcome": "issued", "generation": N}``: a complete generation N is staged
+  in the credential store, its facts beside it (credentials.py);
+* ``{"outcome": "time", "server_now": ISO-8601 or null}``: the EST server's clock;
+* ``{"outcome": "refused", "status": S, "reason": R, "retry_after": s or null}``;
+* ``{"outcome": "failed", "error": E, "retry_after": s or null}``.
+
+SIGTERM (the agent is stopping) ends retries; the job still answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import AgentConfig
+from .errors import ESTError, IdentityError
+
+log = logging.getLogger(__name__)
+
+WORKS = ("enroll", "bootstrap", "renew", "recovery", "clock", "expiry-check", "due-check")
+
+
+def answer_of(run: Callable[[], object]) -> dict[str, Any]:
+    """Run the work; its answer as the agent reads it, whatever happened."""
+    from .credentials import Generation
+
+    try:
+        value = run()
+    except ESTError as exc:
+        if exc.status is None:
+            return {"outcome": "failed", "error": str(exc), "retry_after": exc.retry_after}
+        return {"outcome": "refused", "status": exc.status, "reason": exc.reason or str(exc),
+                "retry_after": exc.retry_after}
+    except IdentityError as exc:
+        return {"outcome": "failed", "error": str(exc), "retry_after": None}
+    if isinstance(value, Generation):
+        return {"outcome": "issued", "generation": value.number}
+    assert value is None or isinstance(value, dt.datetime), value
+    return {"outcome": "time", "server_now": value.isoformat() if value else None}
+
+
+def run_work(config: AgentConfig, work: str, generation: int | None, check_time: bool,
+             stop: threading.Event) -> dict[str, Any]:
+    from .credentials import CredentialStore, Generation
+    from .enroll import Enroller
+    from .keystore import is_file_keystore, open_keystore
+    from .tls import bind_provider_tcti
+
+    if not is_file_keystore(config.device.tcti):
+        bind_provider_tcti(config.device.tcti)
+    store = CredentialStore(config.paths.state_dir)
+    try:
+        with open_keystore(config.device.tcti) as tpm:
+            enroller = Enroller(config, tpm, store, stop)
+            enroller.check_time = check_time
+            if work in ("renew", "recovery"):
+                if generation is None:
+                    raise ValueError(f"{work} needs --generation")
+                current = Generation(generation, store.root / f"gen-{generation:06d}")
+                if work == "renew":
+                    return answer_of(lambda: enroller.renew(current, attempts=1))
+                return answer_of(lambda: enroller.recover(current, attempts=1))
+            if work == "enroll":
+                return answer_of(enroller.enroll)
+            if work == "bootstrap":
+                return answer_of(lambda: enroller.enroll(attempts=1))
+            return answer_of(enroller.server_time)
+    except IdentityError as exc:  # the TPM could not be opened
+        return {"outcome": "failed", "error": str(exc), "retry_after": None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device_agent.credential_job")
+    parser.add_argument("work", choices=WORKS)
+    parser.add_argument("--generation", type=int, help="the credential to renew or recover")
+    parser.add_argument("--no-check-time", action="store_true",
+                        help="the agent does not trust its clock: TLS ignores dates")
+    parser.add_argument("--source", default="<agent>", help="where the configuration came from")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TSS2_LOG", "all+none")
+    logging.basicConfig(level=os.environ.get("DEVICE_AGENT_LOG", "INFO"),
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        config = AgentConfig.from_toml(sys.stdin.read(), args.source)
+        answer = run_work(config, args.work, args.generation, not args.no_check_time, stop)
+    except IdentityError as exc:
+        answer = {"outcome": "failed", "error": str(exc), "retry_after": None}
+    print(json.dumps(answer), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
