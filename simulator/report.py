@@ -87,6 +87,7 @@ def build_report(fleet: Fleet, found: Findings, scenario: str, mode: str) -> dic
         "cold_start_p95_s": percentile(colds, 0.95),
         "reconnect_all_s": None if found.reconnect_all_s is None
         else round(found.reconnect_all_s, 3),
+        "reconnects_per_s_peak": found.reconnects_per_s_peak,
         "certificate_lifetime_s": fleet.options.lifetime_s,
         "telemetry_interval_s": fleet.options.interval_s,
         "duration_s": round(fleet.now(), 1),
