@@ -21,6 +21,7 @@ refusal_log_interval = 10 # at most one log line per refusal kind per worker per
 directory = "/var/lib/device-pki"
 passphrase_file = "/etc/device-pki/passphrase"   # optional
 registry = "/var/lib/device-pki/registry.sqlite3"  # default: <directory>/registry.sqlite3
+crl = "/var/lib/device-pki/device-ca/crl.pem"  # published after supersedes; this default
 registry_sync = "full"    # or "normal": no fsync per enrollment (see below)
 
 [policy]
@@ -103,6 +104,7 @@ def default_renewals(lifetime: dt.timedelta) -> int:
 class ServerConfig:
     pki_dir: Path
     registry: Path
+    crl: Path | None = None  # None: the PKI's device-ca/crl.pem
     passphrase_file: Path | None = None
     registry_sync: str = "full"
     host: str = "127.0.0.1"
@@ -207,6 +209,7 @@ def load(path: str | Path) -> ServerConfig:
         raise ConfigError(f"{source}: pki.directory is required")
     pki_dir = base / directory
     registry = _take(pki, "pki", "registry", str, None)
+    crl = _take(pki, "pki", "crl", str, None)
     secret = _take(pki, "pki", "passphrase_file", str, None)
     defaults = ServerConfig(pki_dir, pki_dir)
     try:
@@ -245,6 +248,7 @@ def load(path: str | Path) -> ServerConfig:
     config = ServerConfig(
         pki_dir=pki_dir,
         registry=base / registry if registry else PKIPaths(pki_dir).registry,
+        crl=base / crl if crl else None,
         passphrase_file=base / secret if secret else None,
         registry_sync=_take(pki, "pki", "registry_sync", str, "full"),
         host=_take(server, "server", "host", str, defaults.host),

@@ -309,7 +309,7 @@ class Worker:
         factory_ca = pki.load_certs(paths.factory_ca / "ca.pem")[0]
         registry = self.stack.enter_context(
             open_registry(self.config.registry, synchronous=self.config.registry_sync))
-        revocations = Revocations(paths, device_ca, self.config.registry)
+        revocations = Revocations(paths, device_ca, self.config.registry, self.config.crl)
         self.publisher = CRLPublisher(
             lambda: open_registry(self.config.registry, synchronous=self.config.registry_sync),
             revocations.publish,

@@ -25,9 +25,13 @@ EST_SERVER = str(Path(sys.executable).parent / "est-server")
 WELL_KNOWN = "/.well-known/est"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ESTServer:
-    """A running est-server: where it listens, its PKI and registry, and its log."""
+    """A running est-server: where it listens, its PKI and registry, and its log.
+
+    ``stop()`` and ``start()`` take it down and bring it back on the same ports with
+    the same configuration (the soak's EST outages); ``process`` is the current one.
+    """
 
     port: int
     pki: pki.PKIPaths
@@ -35,6 +39,24 @@ class ESTServer:
     log: Path
     process: subprocess.Popen[bytes]
     recovery_port: int | None = None
+    config: Path | None = None
+    crl: Path | None = None  # where it publishes the CRL after supersedes
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        return stop(self.process)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it again after :meth:`stop`, and wait for its new "ready" line."""
+        if self.running():
+            raise RuntimeError("est-server is still running")
+        if self.config is None:
+            raise RuntimeError("no configuration to start est-server from")
+        offset = self.log.stat().st_size
+        self.process = _launch(self.config, self.log)
+        _wait_ready(self.process, self.log, offset, timeout)
 
     @property
     def url(self) -> str:
@@ -60,9 +82,14 @@ class ESTServer:
 
 def write_config(directory: Path, paths: pki.PKIPaths, port: int,
                  recovery_port: int | None = None, *,
-                 server_table: Mapping[str, object] | None = None, **policy: object) -> Path:
+                 server_table: Mapping[str, object] | None = None,
+                 registry: Path | None = None, crl: Path | None = None,
+                 **policy: object) -> Path:
     """est.toml for a test server; ``policy`` becomes the [policy] table as given,
-    ``server_table`` adds to (or overrides) the [server] table."""
+    ``server_table`` adds to (or overrides) the [server] table; the registry is
+    ``directory/registry.sqlite3`` unless ``registry`` names one, and the CRL it
+    publishes after supersedes ``directory/crl.pem`` unless ``crl`` does (several test
+    servers share one PKI, each with its own registry: one CRL file each)."""
     table: dict[str, object] = {"port": port, "workers": 2, "max_in_flight": 256,
                                 "shutdown_timeout": 5}
     if recovery_port is not None:
@@ -70,7 +97,8 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
     table.update(server_table or {})
     lines = ["[server]", *(f"{key} = {json.dumps(value)}" for key, value in table.items()),
              "[pki]", f'directory = "{paths.base}"',
-             f'registry = "{directory / "registry.sqlite3"}"', "[policy]"]
+             f'registry = "{registry or directory / "registry.sqlite3"}"',
+             f'crl = "{crl or directory / "crl.pem"}"', "[policy]"]
     for key, value in policy.items():
         lines.append(f"{key} = {value!r}".replace("'", '"').replace("True", "true")
                      .replace("False", "false"))
@@ -82,6 +110,7 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
 @contextmanager
 def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool = False,
                        server_table: Mapping[str, object] | None = None,
+                       registry: Path | None = None, crl: Path | None = None,
                        **policy: object) -> Iterator[ESTServer]:
     """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill.
 
@@ -92,25 +121,40 @@ def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool =
     port = free_port()
     recovery_port = free_port() if recovery else None
     config = write_config(directory, paths, port, recovery_port, server_table=server_table,
-                          **policy)
+                          registry=registry, crl=crl, **policy)
     log = directory / "est-server.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen([EST_SERVER, "--config", str(config)], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    server = ESTServer(port, paths, directory / "registry.sqlite3", log, process, recovery_port)
+    server = ESTServer(port, paths, registry or directory / "registry.sqlite3", log,
+                       _launch(config, log), recovery_port, config, crl or directory / "crl.pem")
     try:
-        deadline = time.monotonic() + 30
-        while b'"event":"ready"' not in log.read_bytes():
-            if process.poll() is not None:
-                raise RuntimeError(f"est-server exited with {process.returncode}:\n"
-                                   f"{log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"est-server not ready after 30s:\n{log.read_text()[-2000:]}")
-            time.sleep(0.05)
+        _wait_ready(server.process, log, 0)
         yield server
     finally:
-        stop(process)
+        server.stop()
+
+
+def _launch(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([EST_SERVER, "--config", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], log: Path, offset: int,
+                timeout: float = 30.0) -> None:
+    """Until the log holds a "ready" line past ``offset``; an error if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log, "rb") as text:
+            text.seek(offset)
+            if b'"event":"ready"' in text.read():
+                return
+        if process.poll() is not None:
+            raise RuntimeError(f"est-server exited with {process.returncode}:\n"
+                               f"{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"est-server not ready after {timeout:.0f}s:\n"
+                               f"{log.read_text()[-2000:]}")
+        time.sleep(0.05)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:

@@ -150,8 +150,9 @@ class RenderedBroker:
 
 
 @contextmanager
-def rendered_broker(paths: pki.PKIPaths) -> Iterator[RenderedBroker]:
-    """Render and run a broker as shipped: started as root, dropped to ``mosquitto``.
+def rendered_broker(paths: pki.PKIPaths, crl: Path | None = None) -> Iterator[RenderedBroker]:
+    """Render and run a broker as shipped: started as root, dropped to ``mosquitto``;
+    ``crl`` installs that CRL instead of the PKI's.
 
     pytest's temp directories are 0700 root, which the ``mosquitto`` user cannot
     traverse, so the broker directory lives in a directory of its own, removed after.
@@ -160,7 +161,8 @@ def rendered_broker(paths: pki.PKIPaths) -> Iterator[RenderedBroker]:
     try:
         parent.chmod(0o755)
         port = free_port()
-        layout = render_broker(paths, parent / "broker", port=port, backend_identity=BACKEND_ID)
+        layout = render_broker(paths, parent / "broker", port=port, backend_identity=BACKEND_ID,
+                               crl=crl)
         with Mosquitto(parent, layout.conf, port) as mosquitto:
             yield RenderedBroker(layout, mosquitto)
     finally:

@@ -134,23 +134,24 @@ def listed_after(crl_path: Path, serials: set[int], limit: float) -> float:
 
 
 def test_a_supersede_reaches_the_published_crl_at_once(
-    server: ESTServer, est_pki: pki.PKIPaths, factory_ca: pki.Authority, tmp_path: Path,
+    server: ESTServer, factory_ca: pki.Authority, tmp_path: Path,
     record_property: pytest.RecordProperty,
 ) -> None:
     """The server publishes the Device CA's CRL itself after every supersede (before:
     only the next ``device-pki crl`` or refresh did, up to an hour later), also for
     renewals in quick succession: each answer's superseded serial is published."""
     current = enrolled(server, factory_ca, tmp_path, "published")
-    delays = []
+    assert server.crl is not None
+    crl, delays = server.crl, []
     for generation in range(1, 4):
         key = new_key()
         reply = enroll(server, current, key, "simplereenroll")
         assert reply.status == 200, reply.text
-        delays.append(listed_after(est_pki.crl, {current.certificate.serial_number}, 10.0))
+        delays.append(listed_after(crl, {current.certificate.serial_number}, 10.0))
         current = save_identity(tmp_path, f"gen-{generation}", "published",
                                 reply.certificates()[0], key)
-    crl = x509.load_pem_x509_crl(est_pki.crl.read_bytes())
-    assert crl.get_revoked_certificate_by_serial_number(
+    published = x509.load_pem_x509_crl(crl.read_bytes())
+    assert published.get_revoked_certificate_by_serial_number(
         current.certificate.serial_number) is None  # the newest stays valid
     record_property("supersede_to_crl_seconds_max", round(max(delays), 3))
     print(f"supersede -> published CRL: {', '.join(f'{d * 1000:.0f} ms' for d in delays)}")

@@ -28,8 +28,17 @@ def device_pki(*args: str | Path) -> list[str]:
 
 
 @pytest.fixture
-def own_broker(pki_dir: pki.PKIPaths) -> Iterator[RenderedBroker]:
-    with rendered_broker(pki_dir) as broker:
+def own_broker(pki_dir: pki.PKIPaths, enrollment_server: ESTServer
+               ) -> Iterator[RenderedBroker]:
+    """A broker holding the CRL of the enrollment server's registry (the session's PKI is
+    shared by servers with registries of their own, each publishing its own CRL)."""
+    assert enrollment_server.crl is not None
+    published = subprocess.run(
+        device_pki("crl", "--pki", pki_dir.base, "--registry", enrollment_server.registry_path,
+                   "--crl", enrollment_server.crl),
+        capture_output=True, text=True, timeout=60, check=False)
+    assert published.returncode == 0, published.stderr
+    with rendered_broker(pki_dir, enrollment_server.crl) as broker:
         yield broker
 
 
@@ -54,7 +63,7 @@ def test_revoking_a_certificate_ends_the_session_and_only_a_new_certificate_retu
         result = subprocess.run(
             device_pki("revoke", revoked, "--reason", "keyCompromise", "--pki", pki_dir.base,
                        "--registry", enrollment_server.registry_path,
-                       "--broker", own_broker.layout.base),
+                       "--crl", enrollment_server.crl, "--broker", own_broker.layout.base),
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         ended = "Client revoked-1 been disconnected by administrative action"
@@ -96,9 +105,9 @@ def test_revoke_device_mid_renewal_leaves_nothing_valid_until_activate(
     agent = factory_device(tmp_path / "dev", device_id, swtpm, pki_dir, enrollment_server,
                            own_broker.mosquitto, fraction=0.4)
     registry_path = enrollment_server.registry_path
-    # the PKI's own CRL, which the EST server also publishes to after every supersede
+    # the registry's CRL, which its EST server also publishes to after every supersede
     common = ["--pki", pki_dir.base, "--registry", registry_path,
-              "--broker", own_broker.layout.base]
+              "--crl", enrollment_server.crl, "--broker", own_broker.layout.base]
     with agent:
         agent.wait_for(lambda s: s.get("connected"), 30, "connection")
         hold = sqlite3.connect(registry_path, isolation_level=None, timeout=10)
