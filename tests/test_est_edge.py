@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -248,7 +249,7 @@ def test_an_anonymous_flood_leaves_the_registry_as_it_was(
 
 def table_rows(server: ESTServer) -> dict[str, int]:
     """Rows in each of the registry's tables."""
-    with sqlite3.connect(server.registry_path) as db:
+    with contextlib.closing(sqlite3.connect(server.registry_path)) as db:
         tables = [row[0] for row in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
         return {table: db.execute(f'SELECT count(*) FROM "{table}"')  # noqa: S608 - ours
