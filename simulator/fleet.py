@@ -23,6 +23,7 @@ import datetime as dt
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,24 +31,32 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker_config.deploy import render_broker
-from broker_config.revocation import enforce
 from device_agent._files import write_private
 from device_agent.config import AgentConfig, render_toml
 from provisioning import pki
 from provisioning.factory import LineSettings, LocalFactoryCA, provision
-from provisioning.registry import DeviceState, open_registry, registrar
+from provisioning.registry import registrar
 
 from .device import AgentProcess
 from .est import running_est_server
 from .observe import Sampler, TimedMonitor
-from .processes import DBusSession, Mosquitto, SoftwareTPM, free_port
+from .processes import (
+    ComponentError,
+    DBusSession,
+    Mosquitto,
+    SoftwareTPM,
+    free_port,
+    require_library,
+)
 
 BACKEND_ID = "backend"
 MAX_FILE_DEVICES = 10_000
+BIN = Path(sys.executable).parent
+FAKETIME = "faketime/libfaketime.so.1"
+REAL_TIME = "+0"  # libfaketime: an offset of nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,10 @@ class FleetOptions:
     interval_s: float = 1.0       # telemetry period per device
     recovery_grace: str = "1h"
     keystore: str = "tpm"         # "file": software keys, simulation only
+    crl_lifetime_s: int | None = None  # the Device CA's CRL; None: the PKI's default (days)
+    recoveries_per_day: int = 100
+    bootstrap_reenrolls_per_day: int = 3
+    faketime: bool = False        # each agent's clock read from a file (libfaketime)
 
     def __post_init__(self) -> None:
         if self.keystore == "file":
@@ -100,26 +113,38 @@ class Fleet(contextlib.ExitStack):
         started = time.monotonic()
         self.bus = self.enter_context(DBusSession(self.directory / "dbus"))
         os.environ["DBUS_SESSION_BUS_ADDRESS"] = self.bus.address  # the factory's TPM access
-        self.pki = pki.init_pki(self.directory / "pki")
+        self.pki = self._init_pki(self.directory / "pki")
         self.authority = pki.read_authority(self.pki.device_ca)
         self.est = self.enter_context(running_est_server(
-            self.directory / "est", self.pki, recovery=True,
+            self.directory / "est", self.pki, recovery=True, registry=self.pki.registry,
             certificate_lifetime=f"{self.options.lifetime_s}s",
-            recovery_grace=self.options.recovery_grace, recoveries_per_day=100))
+            recovery_grace=self.options.recovery_grace,
+            recoveries_per_day=self.options.recoveries_per_day,
+            bootstrap_reenrolls_per_day=self.options.bootstrap_reenrolls_per_day))
         # The broker drops to the mosquitto user, which must traverse to its directory.
         parent = Path(tempfile.mkdtemp(prefix="fleet-broker-"))
         self.callback(shutil.rmtree, parent, ignore_errors=True)
         parent.chmod(0o755)  # noqa: S103 - holds only the broker's own directory
+        self.callback(_keep_copy, parent / "mosquitto.log", self.directory / "mosquitto.log")
         port = free_port()
         self.broker_layout = render_broker(self.pki, parent / "broker", port=port,
                                            backend_identity=BACKEND_ID)
         self.broker = self.enter_context(Mosquitto(parent, self.broker_layout.conf, port))
-        cert, key = self._backend_files()
+        self.backend = cert, key = self._backend_files()
         self.monitor = self.enter_context(TimedMonitor(
             port=port, cafile=self.pki.server_trust, cert=cert, key=key))
         step(f"back office up in {time.monotonic() - started:.1f}s: est-server :{self.est.port} "
              f"(recovery :{self.est.recovery_port}, {self.options.lifetime_s}s certificates), "
              f"mosquitto :{port}, monitor subscribed")
+
+    def _init_pki(self, directory: Path) -> pki.PKIPaths:
+        """The operator's PKI: CAs, the registry beside them, the first CRL published by
+        ``device-pki crl`` (with the CRL lifetime the PKI keeps, when one is given)."""
+        lifetime = self.options.crl_lifetime_s
+        paths = pki.init_pki(directory, crl_lifetime=None if lifetime is None
+                             else dt.timedelta(seconds=lifetime))
+        device_pki("crl", "--pki", str(paths.base))
+        return paths
 
     def _backend_files(self) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -134,27 +159,39 @@ class Fleet(contextlib.ExitStack):
         started = time.monotonic()
         factory = LocalFactoryCA(self.pki)
         register = registrar(self.est.registry_path)
-        for index in range(self.options.devices):
-            device_id = f"sim-{index + 1:03d}"
+        for device_id in device_ids(self.options.devices):
             directory = self.directory / "devices" / device_id
             if self.options.keystore == "file":
                 tcti, env = f"file:{directory / 'keys'}", {}
             else:
                 tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
                                                      max_transients=3))
-                tcti, env = tpm.tcti, tpm.env
+                tcti, env = tpm.tcti, dict(tpm.env)
             line = LineSettings(est_url=self.est.base_url, recovery_url=self.est.recovery_url,
                                 broker_host="127.0.0.1", broker_port=self.broker.port,
                                 server_trust=self.pki.server_trust,
                                 state_dir=directory / "state", api_socket=directory / "api.sock")
             provision(device_id, tcti, directory / "etc", factory, line, register)
             config_path = self._tune(directory / "etc" / "agent.toml")
+            if self.options.faketime:
+                env.update(self._fake_clock(directory))
             self.agents[device_id] = AgentProcess(config_path, env)
         self.callback(self.stop_agents, list(self.agents))  # before the TPMs go
         keys = ("file-backed keys (SIMULATION ONLY, no TPM)" if self.options.keystore == "file"
                 else "its own swtpm + tpm2-abrmd")
         step(f"{len(self.agents)} devices provisioned by the factory code, each with {keys}, "
              f"in {time.monotonic() - started:.1f}s")
+
+    def _fake_clock(self, directory: Path) -> dict[str, str]:
+        """libfaketime reading the device's time from ``clock`` (re-read every second),
+        which starts as the real time: :meth:`set_clock` moves it."""
+        set_clock(directory / "clock", REAL_TIME)
+        return {"LD_PRELOAD": require_library(FAKETIME),
+                "FAKETIME_TIMESTAMP_FILE": str(directory / "clock"),
+                "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+    def clock_file(self, device_id: str) -> Path:
+        return self.directory / "devices" / device_id / "clock"
 
     def _tune(self, path: Path) -> Path:
         """The factory's agent.toml with simulation-speed knobs only (keepalive, telemetry
@@ -217,27 +254,46 @@ class Fleet(contextlib.ExitStack):
             time.sleep(0.2)
         return met, sorted(waiting)
 
-    def revoke(self, ids: Sequence[str]) -> float:
-        """``device-pki revoke`` then ``suspend`` for each, one CRL, enforced on the broker.
+    def revoke(self, ids: Sequence[str], command: str = "revoke-device") -> float:
+        """``device-pki revoke-device`` (or ``decommission``) for each, on this broker.
 
-        Every operational certificate of the device is revoked (a renewal may have
-        just replaced the one its status showed) and the device is suspended, so
-        neither renewal nor the bootstrap brings it back. Returns the seconds taken.
+        The shipped command suspends the device, revokes every unexpired operational
+        certificate (a renewal may have just replaced the one its status showed),
+        publishes the CRL and bans and kicks the device on the broker, so neither
+        renewal nor the bootstrap brings it back. Returns the seconds taken.
         """
         started = time.monotonic()
-        serials: dict[str, int] = {}
-        now = dt.datetime.now(dt.UTC)
-        with open_registry(self.est.registry_path) as registry:
-            for device_id in ids:
-                registry.set_state(device_id, DeviceState.SUSPENDED, "fleet-sim revocation")
-                for serial in registry.unexpired_operational(device_id, now):
-                    registry.revoke(serial, x509.ReasonFlags.key_compromise)
-                    serials[device_id] = int(serial, 16)
-            pki.publish_crl(self.authority, registry.revocations(), self.pki.crl)
-        crl = self.pki.crl.read_bytes()
         for device_id in ids:
-            enforce(self.broker_layout.base, device_id, crl, serial=serials.get(device_id))
+            extra = ["--reason", "keyCompromise"] if command == "revoke-device" else []
+            device_pki(command, device_id, *extra, "--broker", str(self.broker_layout.base),
+                       "--pki", str(self.pki.base))
         return time.monotonic() - started
+
+
+def _keep_copy(source: Path, target: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.copyfile(source, target)
+
+
+def device_ids(count: int) -> tuple[str, ...]:
+    return tuple(f"sim-{index + 1:03d}" for index in range(count))
+
+
+def device_pki(*argv: str) -> str:
+    """Run the operator's ``device-pki`` command; its output, or an error with it."""
+    result = subprocess.run([str(BIN / "device-pki"), *argv], capture_output=True, text=True,
+                            timeout=120, check=False)
+    if result.returncode != 0:
+        raise ComponentError(f"device-pki {' '.join(argv)}: exit {result.returncode}: "
+                             f"{result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def set_clock(timestamp_file: Path, setting: str) -> None:
+    """Replace the file whole: libfaketime never reads a half-written setting."""
+    partial = timestamp_file.with_suffix(".partial")
+    partial.write_text(setting + "\n")
+    os.replace(partial, timestamp_file)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -245,7 +301,11 @@ def parser() -> argparse.ArgumentParser:
 
     top = argparse.ArgumentParser(prog="fleet-sim", description=__doc__.splitlines()[0])
     top.add_argument("--devices", type=int, required=True)
-    top.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    top.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, "soak"]),
+                     help="soak: seeded random faults over --duration, then a verdict")
+    top.add_argument("--duration", type=float, default=600.0,
+                     help="soak: seconds of faults and settling (default 600)")
+    top.add_argument("--seed", type=int, help="soak: the fault schedule's seed (default: random)")
     top.add_argument("--json", type=Path, help="write the report as JSON here")
     top.add_argument("--plot", type=Path, help="write a PNG plot here")
     top.add_argument("--keystore", choices=("tpm", "file"), default="tpm",
@@ -267,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scenarios import run
 
     args = parser().parse_args(argv)
+    if args.scenario == "soak":
+        return _soak(args)
     try:
         options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
                                args.interval, keystore=args.keystore)
@@ -287,6 +349,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_plot(fleet, report, args.plot)
         ok = not report["failures"]
         return 0 if ok else 1
+    except KeyboardInterrupt:
+        step("interrupted: every process stopped")
+        return 130
+    finally:
+        if args.keep or not ok:
+            step(f"work directory kept: {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from .soak_run import main_soak
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    directory = Path(tempfile.mkdtemp(prefix="fleet-soak-"))
+    ok = False
+    try:
+        ok = main_soak(args, directory)
+        return 0 if ok else 1
+    except ValueError as exc:
+        print(f"fleet-sim: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         step("interrupted: every process stopped")
         return 130

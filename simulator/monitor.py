@@ -3,6 +3,10 @@
 It is not our code on the wire: the broker delivers to Mosquitto's own client,
 and this module only parses what it prints. Gaps in a device's sequence
 numbers are lost messages; repeats are the at-least-once duplicates.
+
+mosquitto_sub exits when the broker goes away; the monitor starts it again with
+the same client ID (a persistent session: the broker kept what arrived for it)
+until it is closed, and counts those restarts.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Self
 
@@ -30,31 +34,60 @@ class TelemetryMonitor:
         self._seqs: dict[str, list[int]] = defaultdict(list)
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
+        self._closing = threading.Event()
         self.received = 0
+        self.restarts = 0
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        with self._lock:
+            self._process = process
+        return process
 
     def __enter__(self) -> Self:
-        self._process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._spawn()
+        self._reader = threading.Thread(target=self._run, daemon=True)
         self._reader.start()
         time.sleep(0.5)  # mosquitto_sub has no readiness signal; its SUBACK comes within ms
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._process is not None:
-            self._process.terminate()
+        self._closing.set()
+        stopped: set[int] = set()
+        while True:  # the reader may have started a new one just before it saw _closing
+            with self._lock:
+                process = self._process
+            if process is None or process.pid in stopped:
+                break
+            stopped.add(process.pid)
+            process.terminate()
             try:
-                self._process.wait(5)
+                process.wait(5)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(5)
+                process.kill()
+                process.wait(5)
             self._reader.join(5)
-            if self._process.stdout is not None:
-                self._process.stdout.close()
+            if process.stdout is not None:
+                process.stdout.close()
 
-    def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
+    def _run(self) -> None:
+        """Read until closed; a mosquitto_sub that exits (the broker went away) is started
+        again after a short pause."""
+        while True:
+            with self._lock:
+                process = self._process
+            assert process is not None and process.stdout is not None
+            self._read(process.stdout)
+            process.wait()
+            if self._closing.wait(0.5):
+                return
+            process.stdout.close()
+            self.restarts += 1
+            self._spawn()
+
+    def _read(self, lines: Iterable[str]) -> None:
+        for line in lines:
             topic, _, payload = line.rstrip("\n").partition(" ")
             try:
                 message = json.loads(payload)

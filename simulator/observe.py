@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .monitor import TelemetryMonitor
@@ -19,9 +19,8 @@ class TimedMonitor(TelemetryMonitor):
         self.arrivals: list[float] = []
         self.last_arrival: dict[str, float] = {}
 
-    def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
+    def _read(self, lines: Iterable[str]) -> None:
+        for line in lines:
             topic, _, payload = line.rstrip("\n").partition(" ")
             try:
                 device, seq = topic.split("/")[1], int(json.loads(payload)["seq"])

@@ -284,8 +284,9 @@ class Mosquitto:
         wait_until(lambda: port_open(self.port), 10, "mosquitto",
                    self.process.popen, self.process.log)
 
-    def stop(self) -> None:
-        self.process.stop()
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (it saves its persistence file and removes its pid file), then kill."""
+        self.process.stop(timeout)
 
     def restart(self) -> None:
         self.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from broker_config.deploy import BrokerLayout, render_broker
 from broker_config.errors import CRLRefused
 from provisioning import pki
 from provisioning.registry import CertKind, open_registry
+from simulator.crl_refresh import service_commands
 from simulator.processes import Mosquitto, free_port
 
 from .conftest import BACKEND_ID, ClientFiles, issue_file_client
@@ -282,21 +282,6 @@ def test_refresh_crl_is_idempotent_and_serialised_by_the_lock(office: Office,
 
 
 # --- pruning: an expired certificate leaves the CRL, and the broker lets it --------------
-
-
-def service_commands(pki_dir: Path, broker_dir: Path) -> list[list[str]]:
-    """The shipped device-crl-refresh.service's ExecStart lines, as this venv would run them."""
-    text = resources.files("provisioning").joinpath(
-        "data", "device-crl-refresh.service").read_text()
-    commands = []
-    for line in text.splitlines():
-        if line.startswith("ExecStart="):
-            command = line.removeprefix("ExecStart=").lstrip("+")
-            command = command.replace("${PKI_DIR}", str(pki_dir))
-            argv = shlex.split(command.replace("${BROKER_DIR}", str(broker_dir)))
-            assert argv[0].startswith("/usr/bin/"), argv
-            commands.append([str(BIN / Path(argv[0]).name), *argv[1:]])
-    return commands
 
 
 @pytest.mark.integration
