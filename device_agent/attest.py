@@ -23,7 +23,6 @@ from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_ECC,
     TPM2_HC,
     TPM2_SE,
     TPMA_OBJECT,
@@ -34,23 +33,19 @@ from tpm2_pytss.types import (
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
-    TPMS_ECC_PARMS,
     TPMS_SCHEME_HASH,
     TPMT_ECC_SCHEME,
-    TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
-    TPMT_SYM_DEF_OBJECT,
     TPMU_ASYM_SCHEME,
-    TPMU_PUBLIC_PARMS,
 )
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from ._keyfile import KeyFile
 from .csr_attestation import TpmCertifyStatement, key_binding
 from .errors import KeyFileError, TPMError
-from .tpm import SRK_HANDLE, TPM, KeyBlob, _tpm_error
+from .tpm import SRK_HANDLE, TPM, KeyBlob, _tpm_error, p256_template
 
 _T = TypeVar("_T")
 
@@ -76,22 +71,9 @@ AK_ATTRIBUTES = (
 
 def _ak_template() -> TPMT_PUBLIC:
     """ECC P-256, ECDSA with SHA-256: a restricted key needs its scheme fixed."""
-    return TPMT_PUBLIC(
-        type=TPM2_ALG.ECC,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=AK_ATTRIBUTES,
-        parameters=TPMU_PUBLIC_PARMS(
-            eccDetail=TPMS_ECC_PARMS(
-                symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                scheme=TPMT_ECC_SCHEME(
-                    scheme=TPM2_ALG.ECDSA,
-                    details=TPMU_ASYM_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256)),
-                ),
-                curveID=TPM2_ECC.NIST_P256,
-                kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-            )
-        ),
-    )
+    return p256_template(AK_ATTRIBUTES, TPMT_ECC_SCHEME(
+        scheme=TPM2_ALG.ECDSA,
+        details=TPMU_ASYM_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256))))
 
 
 @dataclass(frozen=True)

@@ -105,20 +105,25 @@ def _srk_template() -> TPMT_PUBLIC:
     return template
 
 
-def _signing_key_template() -> TPMT_PUBLIC:
+def p256_template(attributes: int, scheme: TPMT_ECC_SCHEME | None = None) -> TPMT_PUBLIC:
+    """An ECC P-256 key with ``attributes``; ``scheme`` None leaves it to each signature."""
     return TPMT_PUBLIC(
         type=TPM2_ALG.ECC,
         nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=SIGNING_KEY_ATTRIBUTES,
+        objectAttributes=attributes,
         parameters=TPMU_PUBLIC_PARMS(
             eccDetail=TPMS_ECC_PARMS(
                 symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+                scheme=scheme or TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
                 curveID=TPM2_ECC.NIST_P256,
                 kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
             )
         ),
     )
+
+
+def _signing_key_template() -> TPMT_PUBLIC:
+    return p256_template(SIGNING_KEY_ATTRIBUTES)
 
 
 TCTI_LAYER = 0x0A0000
