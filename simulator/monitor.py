@@ -32,6 +32,7 @@ class TelemetryMonitor:
                      # a persistent session: what arrives while it reconnects is kept for it
                      "-c", "-x", "86400"]
         self._seqs: dict[str, list[int]] = defaultdict(list)
+        self._arrived: dict[str, dict[int, float]] = defaultdict(dict)  # first arrival
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
         self._closing = threading.Event()
@@ -95,12 +96,22 @@ class TelemetryMonitor:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
             with self._lock:
-                self._seqs[device].append(seq)
-                self.received += 1
+                self._seen(device, seq, time.monotonic())
+
+    def _seen(self, device: str, seq: int, now: float) -> None:
+        """Count one message (the lock held)."""
+        self._seqs[device].append(seq)
+        self._arrived[device].setdefault(seq, now)
+        self.received += 1
 
     def seqs(self, device: str) -> list[int]:
         with self._lock:
             return list(self._seqs[device])
+
+    def arrival(self, device: str, seq: int) -> float | None:
+        """When ``seq`` of ``device`` first arrived (time.monotonic), None if it never did."""
+        with self._lock:
+            return self._arrived[device].get(seq)
 
     def missing(self, device: str, first: int, last: int) -> list[int]:
         """Sequence numbers in [first, last] never received from ``device``."""

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .monitor import TelemetryMonitor
@@ -19,19 +18,10 @@ class TimedMonitor(TelemetryMonitor):
         self.arrivals: list[float] = []
         self.last_arrival: dict[str, float] = {}
 
-    def _read(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            topic, _, payload = line.rstrip("\n").partition(" ")
-            try:
-                device, seq = topic.split("/")[1], int(json.loads(payload)["seq"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-            now = time.monotonic()
-            with self._lock:
-                self._seqs[device].append(seq)
-                self.received += 1
-                self.arrivals.append(now)
-                self.last_arrival[device] = now
+    def _seen(self, device: str, seq: int, now: float) -> None:
+        super()._seen(device, seq, now)
+        self.arrivals.append(now)
+        self.last_arrival[device] = now
 
     def count(self, device: str) -> int:
         with self._lock:

@@ -444,11 +444,17 @@ def soak_report(fleet: Fleet, plan: Plan, record: SoakRecord, watch: CRLWatch,
     return merged
 
 
-def lost_seqs(fleet: Fleet, report: dict[str, Any]) -> dict[str, list[int]]:
-    """Per device, the first sequence numbers the monitor never saw that are not queued."""
+def lost_seqs(fleet: Fleet, report: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    """Per device, the first sequence numbers the monitor never saw that are not queued,
+    each as [seq, arrival of seq - 1, arrival of seq + 1] in fleet seconds: where in the
+    run's faults the message went missing."""
     if not report["messages_lost"]:
         return {}
     from .report import queued_seqs
+
+    def arrived(device: str, seq: int) -> float | None:
+        at = fleet.monitor.arrival(device, seq)
+        return None if at is None else round(at - fleet.t0, 1)
 
     lost = {}
     for device, agent in fleet.agents.items():
@@ -456,7 +462,8 @@ def lost_seqs(fleet: Fleet, report: dict[str, Any]) -> dict[str, list[int]]:
         missing = set(fleet.monitor.missing(device, 1, last))
         gone = sorted(missing - queued_seqs(agent.config.paths.state_dir))
         if gone:
-            lost[device] = gone[:20]
+            lost[device] = [[seq, arrived(device, seq - 1), arrived(device, seq + 1)]
+                            for seq in gone[:20]]
     return lost
 
 
