@@ -11,7 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from provisioning.errors import ProvisioningError
 from provisioning.pki import PKIPaths
+from provisioning.registry import DeviceState, open_registry
 
 from . import revocation
 from .crl import ExpiryLookup, registry_expiries
@@ -19,7 +21,7 @@ from .deploy import render_broker
 from .errors import BrokerConfigError
 
 REGISTRY_HELP = "registry that tells expired certificates (which may leave the CRL) " \
-    "from un-revoked ones"
+    "from un-revoked ones; with refresh-crl, the device states the broker's bans follow"
 
 
 def _crl_options(command: argparse.ArgumentParser, registry_default: str) -> None:
@@ -31,6 +33,18 @@ def _crl_options(command: argparse.ArgumentParser, registry_default: str) -> Non
 
 def _expiries(registry: Path | None) -> ExpiryLookup | None:
     return registry_expiries(registry) if registry is not None else None
+
+
+def _states(registry: Path | None) -> dict[str, DeviceState] | None:
+    if registry is None:
+        return None
+    if not registry.is_file():
+        raise BrokerConfigError(f"no registry at {registry}")
+    try:
+        with open_registry(registry) as opened:
+            return opened.states()
+    except ProvisioningError as exc:
+        raise BrokerConfigError(f"cannot read the registry {registry}: {exc}") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,12 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             done = revocation.enforce(args.broker, args.device_id, args.crl.read_bytes(),
                                       serial=args.serial, expiries=_expiries(args.registry))
             print(f"{done.device_id}: CRL installed, broker {done.broker_pid} reloaded, "
-                  f"session ended; enforce took {done.seconds * 1000:.0f} ms")
+                  f"session ended; enforce took {done.seconds * 1000:.0f} ms"
+                  if done.broker_pid is not None else
+                  f"{done.device_id}: CRL installed; the broker is not running and reads it "
+                  "when it starts (refresh-crl --registry bans the device then)")
         else:
-            pid = revocation.refresh_crl(args.broker, args.crl.read_bytes(),
-                                         expiries=_expiries(args.registry), force=args.force)
-            print(f"CRL installed, broker {pid} reloaded" if pid is not None
-                  else "CRL already installed: nothing to do")
+            refreshed = revocation.refresh_crl(args.broker, args.crl.read_bytes(),
+                                               expiries=_expiries(args.registry),
+                                               force=args.force,
+                                               states=_states(args.registry))
+            print(refreshed.describe())
     except (BrokerConfigError, OSError, ValueError) as exc:
         print(f"broker-config: {exc}", file=sys.stderr)
         return 1

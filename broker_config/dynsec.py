@@ -38,6 +38,7 @@ class AdminCredentials:
 class Reply:
     command: str
     error: str | None
+    data: dict[str, Any] | None = None
 
 
 class DynSecSession:
@@ -64,7 +65,7 @@ class DynSecSession:
             for answer in message.get("responses", []):
                 key = answer.get("correlationData")
                 if key in wanted:
-                    found[key] = Reply(wanted[key], answer.get("error"))
+                    found[key] = Reply(wanted[key], answer.get("error"), answer.get("data"))
         return [found[c["correlationData"]] for c in tagged]
 
 

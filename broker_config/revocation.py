@@ -19,24 +19,38 @@ Mosquitto adds each reloaded CRL to the store and OpenSSL picks, among CRLs
 of one issuer, the one with the latest thisUpdate: a new CRL must therefore
 carry a strictly later thisUpdate than the installed one, or it may be ignored.
 It must not drop an unexpired revoked certificate either (crl.py).
+
+A broker that is not running cannot be reloaded or told anything, and need not
+be: the CRL is installed for its start, and :func:`follow_registry` (run by
+every ``refresh-crl`` given the registry) brings its bans in line with the
+registry's device states once it runs again. A pid file left by a broker that
+crashed is told from a running one by the process's start time, and the CRL a
+running broker last read is noted beside the lock (``.crl.loaded``), so a CRL
+installed while it was down or starting is reloaded by the next refresh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from ._install import Owner, install
 from .crl import ExpiryLookup, accept_crl, crl_lock, crl_number
 from .deploy import BrokerLayout, Manifest
-from .dynsec import AdminCredentials, admin_session
+from .dynsec import AdminCredentials, DynSecSession, admin_session
 from .errors import BrokerConfigError, RevocationError
+
+if TYPE_CHECKING:
+    from provisioning.registry import DeviceState
 
 REVOKED_ROLE = "revoked"
 _DENY_ALL = [{"acltype": kind, "topic": "#", "priority": 0, "allow": False}
@@ -49,8 +63,31 @@ class Enforcement:
 
     device_id: str
     crl_number: int | None
-    broker_pid: int
+    broker_pid: int | None   # None: not running; the CRL waits for its start
     seconds: float
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """What ``refresh_crl`` did."""
+
+    installed: bool          # the CRL file changed
+    reloaded: int | None     # the pid told to re-read it
+    running: bool
+    banned: tuple[str, ...] = ()
+    lifted: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = ["CRL installed" if self.installed else "CRL already installed"]
+        if not self.running:
+            parts.append("broker not running: it reads the CRL when it starts")
+        elif self.reloaded is not None:
+            parts.append(f"broker {self.reloaded} reloaded")
+        if self.banned:
+            parts.append(f"banned {', '.join(self.banned)}")
+        if self.lifted:
+            parts.append(f"ban lifted for {', '.join(self.lifted)}")
+        return "; ".join(parts)
 
 
 def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
@@ -84,26 +121,72 @@ def replace_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None,
     return crl, True
 
 
-def broker_pid(layout: BrokerLayout) -> int:
-    """The running broker's pid from its pid file, checked against /proc."""
+def running_pid(layout: BrokerLayout) -> int | None:
+    """The pid of the broker running from ``layout``; None if none is.
+
+    A broker that crashed leaves its pid file behind: a pid with no process, or
+    one now used by a process started after the file was written, is not it.
+    """
     try:
+        written = layout.pid_file.stat().st_mtime
         pid = int(layout.pid_file.read_text().strip())
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
-        raise RevocationError(f"no running broker for {layout.base}: {exc}", "reload") from exc
-    if comm != "mosquitto":
-        raise RevocationError(f"pid {pid} in {layout.pid_file} is {comm!r}", "reload")
+        raise RevocationError(f"cannot read {layout.pid_file}: {exc}", "reload") from exc
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        started = _process_started(pid)
+    except (OSError, ValueError):
+        return None
+    return pid if comm == "mosquitto" and started <= written + 2.0 else None
+
+
+def _process_started(pid: int) -> float:
+    """When ``pid`` started, in seconds since the epoch (to the boot time's second)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid(layout: BrokerLayout) -> int:
+    """The running broker's pid; raises if none is running."""
+    pid = running_pid(layout)
+    if pid is None:
+        raise RevocationError(f"no running broker for {layout.base}", "reload")
     return pid
 
 
-def reload_broker(layout: BrokerLayout) -> int:
+def _loaded_mark(pid: int, crl_pem: bytes) -> str:
+    return f"{pid} {hashlib.sha256(crl_pem).hexdigest()}\n"
+
+
+def _loaded_path(layout: BrokerLayout) -> Path:
+    return layout.base / ".crl.loaded"
+
+
+def reload_broker(layout: BrokerLayout, pid: int | None = None) -> int:
     """SIGHUP: the broker re-reads config, ACL, certificates and CRL; returns its pid."""
-    pid = broker_pid(layout)
+    pid = pid if pid is not None else broker_pid(layout)
+    crl_pem = layout.crl.read_bytes() if layout.crl.exists() else b""
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
         raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "reload") from exc
+    with contextlib.suppress(OSError):  # only costs one more reload at the next refresh
+        marker = _loaded_path(layout)
+        marker.with_name(marker.name + ".tmp").write_text(_loaded_mark(pid, crl_pem))
+        marker.with_name(marker.name + ".tmp").replace(marker)
     return pid
+
+
+def _read_current(layout: BrokerLayout, pid: int) -> bool:
+    """Whether broker ``pid`` was last told to read the CRL file as it is now."""
+    try:
+        return _loaded_path(layout).read_text() == _loaded_mark(pid, layout.crl.read_bytes())
+    except OSError:
+        return False
 
 
 def block_commands(device_id: str) -> list[dict[str, Any]]:
@@ -158,14 +241,24 @@ def kick(layout: BrokerLayout, device_id: str, timeout: float = 5.0) -> None:
     run_commands(layout, device_id, block_commands(device_id), timeout)
 
 
-def lift(broker_dir: Path, device_id: str, timeout: float = 5.0) -> None:
-    """Lift ``device_id``'s ban on the broker in ``broker_dir``; a no-op without one."""
-    run_commands(BrokerLayout(Path(broker_dir)), device_id, lift_commands(device_id), timeout)
+def lift(broker_dir: Path, device_id: str, timeout: float = 5.0) -> bool:
+    """Lift ``device_id``'s ban on the broker in ``broker_dir``; a no-op without one.
+    False if the broker is not running (:func:`follow_registry` lifts it later)."""
+    layout = BrokerLayout(Path(broker_dir))
+    if running_pid(layout) is None:
+        return False
+    run_commands(layout, device_id, lift_commands(device_id), timeout)
+    return True
 
 
-def ban(broker_dir: Path, device_id: str, timeout: float = 5.0) -> None:
-    """Ban ``device_id`` (deny-all, sessions ended) without touching the CRL: a suspension."""
-    kick(BrokerLayout(Path(broker_dir)), device_id, timeout)
+def ban(broker_dir: Path, device_id: str, timeout: float = 5.0) -> bool:
+    """Ban ``device_id`` (deny-all, sessions ended) without touching the CRL: a suspension.
+    False if the broker is not running (:func:`follow_registry` bans it later)."""
+    layout = BrokerLayout(Path(broker_dir))
+    if running_pid(layout) is None:
+        return False
+    kick(layout, device_id, timeout)
+    return True
 
 
 def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | None = None,
@@ -178,26 +271,86 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
     ends the device's live sessions; ``keep_banned`` leaves the device a
     deny-all role until :func:`lift` (a device no longer active), otherwise
     nothing stays behind (one certificate revoked, the device still active).
-    Safe to repeat with the same CRL.
+    A broker that is not running gets the CRL for its start and nothing else
+    (``broker_pid`` None). Safe to repeat with the same CRL.
     ``expiries`` tells pruned entries from un-revoked ones (``crl.accept_crl``).
     Raises ``RevocationError`` whose ``step`` says how far it got.
     """
     started = time.monotonic()
     layout = BrokerLayout(Path(broker_dir))
     crl, _ = replace_crl(layout, crl_pem, serial, expiries=expiries)
-    pid = reload_broker(layout)
+    pid = running_pid(layout)
+    if pid is None:
+        return Enforcement(device_id, crl_number(crl), None, time.monotonic() - started)
+    reload_broker(layout, pid)
     run_commands(layout, device_id,
                  block_commands(device_id) if keep_banned else end_commands(device_id), timeout)
     return Enforcement(device_id, crl_number(crl), pid, time.monotonic() - started)
 
 
 def refresh_crl(broker_dir: Path, crl_pem: bytes, *, expiries: ExpiryLookup | None = None,
-                force: bool = False) -> int | None:
-    """Install a re-issued CRL before the old one's nextUpdate and reload; the broker's pid,
-    or None when that CRL was already installed (nothing written, no reload).
+                force: bool = False, states: Mapping[str, DeviceState] | None = None,
+                timeout: float = 5.0) -> Refreshed:
+    """Install a re-issued CRL before the old one's nextUpdate and have the broker read it;
+    with ``states`` (the registry's), bring its bans in line (:func:`follow_registry`).
 
-    A CRL that would roll the installed one back raises ``CRLRefused`` unless ``force``.
+    The broker is reloaded only if the CRL changed or it has not read this one (it
+    was down or starting when it was installed); a broker that is not running gets
+    the file for its start. A CRL that would roll the installed one back raises
+    ``CRLRefused`` unless ``force``.
     """
     layout = BrokerLayout(Path(broker_dir))
     _, changed = replace_crl(layout, crl_pem, expiries=expiries, force=force)
-    return reload_broker(layout) if changed else None
+    pid = running_pid(layout)
+    if pid is None:
+        return Refreshed(changed, None, running=False)
+    reloaded = reload_broker(layout, pid) if changed or not _read_current(layout, pid) else None
+    banned, lifted = follow_registry(layout, states, timeout) if states is not None else ((), ())
+    return Refreshed(changed, reloaded, True, banned, lifted)
+
+
+def banned(broker_dir: Path, timeout: float = 5.0) -> set[str]:
+    """The names the running broker's plugin holds banned (the deny-all role)."""
+    layout = BrokerLayout(Path(broker_dir))
+    try:
+        with admin_session(admin_credentials(layout), Manifest.read(layout).admin_identity,
+                           timeout) as session:
+            return _banned(session, timeout)
+    except BrokerConfigError as exc:
+        raise RevocationError(f"cannot list the broker's bans: {exc}", "kick") from exc
+
+
+def _banned(session: DynSecSession, timeout: float) -> set[str]:
+    listing = session.run([{"command": "listClients", "verbose": True, "count": -1}],
+                          timeout)[0]
+    if listing.error or listing.data is None:
+        raise RevocationError(f"listClients: {listing.error or 'no data'}", "kick")
+    return {client["username"] for client in listing.data.get("clients", [])
+            if any(role.get("rolename") == REVOKED_ROLE for role in client.get("roles", []))}
+
+
+def follow_registry(layout: BrokerLayout, states: Mapping[str, DeviceState],
+                    timeout: float = 5.0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Ban every device the registry does not hold active and lift the ban of every
+    active one; the devices banned and lifted.
+
+    This is what makes a ban follow the device's state when the broker could not be
+    told at the time (it was down): run with every refresh, it converges.
+    """
+    creds = admin_credentials(layout)
+    try:
+        with admin_session(creds, Manifest.read(layout).admin_identity, timeout) as session:
+            banned = _banned(session, timeout)
+            to_ban = tuple(sorted(device for device, state in states.items()
+                                  if state != "active" and device not in banned))
+            to_lift = tuple(sorted(device for device in banned
+                                   if states.get(device) == "active"))
+            commands = [command for device in to_ban for command in block_commands(device)]
+            commands += [command for device in to_lift for command in lift_commands(device)]
+            replies = session.run(commands, timeout) if commands else []
+    except BrokerConfigError as exc:
+        raise RevocationError(f"bans against the registry failed: {exc}", "kick") from exc
+    for reply in replies:
+        if reply.error and reply.error != _TOLERATED.get(reply.command):
+            raise RevocationError(f"{reply.command}: {reply.error}", "kick")
+    return to_ban, to_lift

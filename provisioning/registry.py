@@ -236,6 +236,11 @@ class Registry:
         row = rows[0]
         return Device(row[0], DeviceState(row[1]), row[2], row[3])
 
+    def states(self) -> dict[str, DeviceState]:
+        """Every device's state: what the brokers' bans must follow."""
+        return {row[0]: DeviceState(row[1])
+                for row in self._query("SELECT device_id, state FROM devices")}
+
     def register_device(self, device_id: str, bootstrap: x509.Certificate,
                         previous: x509.Certificate | None = None) -> Device:
         """Allowlist ``device_id`` with its bootstrap certificate (the factory's registrar).

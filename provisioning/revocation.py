@@ -20,8 +20,11 @@ The registry changes in one transaction, so a renewal racing a
 ``revoke_device`` either lands first (and its certificate is revoked with the
 rest) or meets the suspended device (and is refused). The CRL is signed from
 the registry afterwards, under the CRL's own lock; brokers are changed last,
-each independently: a broker that cannot be reached fails the call after the
-registry and the CRL have changed, and the command can be run again.
+each independently. A broker that is not running gets the CRL for its start
+and its bans at the next ``broker-config refresh-crl --registry`` (the shipped
+timer), which makes every broker's bans follow the registry's states; a broker
+that is running but cannot be told fails the call after the registry and the
+CRL have changed, and the command can be run again.
 """
 
 from __future__ import annotations
@@ -140,19 +143,20 @@ class Revocations:
     def _enforce(self, done: Revoked, banned: bool) -> Revoked:
         lines = []
         crl_pem = done.crl.public_bytes(serialization.Encoding.PEM) if done.crl else None
+        later = "not running: {}; its bans follow the registry at the next refresh-crl"
         for base in self.brokers:
             if crl_pem is not None:
                 enforced = broker.enforce(base, done.device_id, crl_pem,
                                           expiries=registry_expiries(self.registry_path),
                                           keep_banned=banned)
-                lines.append(f"broker {base}: CRL installed, sessions ended "
-                             f"in {enforced.seconds * 1000:.0f} ms"
-                             + (", banned" if banned else ""))
+                lines.append(f"broker {base}: " + (
+                    later.format("CRL installed for its start") if enforced.broker_pid is None
+                    else f"CRL installed, sessions ended in {enforced.seconds * 1000:.0f} ms"
+                    + (", banned" if banned else "")))
             elif banned:
-                broker.ban(base, done.device_id)
-                lines.append(f"broker {base}: sessions ended, banned")
+                lines.append(f"broker {base}: " + ("sessions ended, banned"
+                             if broker.ban(base, done.device_id) else later.format("no ban")))
             else:
-                broker.lift(base, done.device_id)
-                lines.append(f"broker {base}: ban lifted")
+                lines.append(f"broker {base}: " + ("ban lifted" if broker.lift(base, done.device_id)
+                             else later.format("ban not lifted")))
         return Revoked(done.device_id, done.state, done.serials, done.crl, tuple(lines))
-

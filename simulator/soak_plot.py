@@ -43,6 +43,9 @@ def write_soak_plot(fleet: Fleet, report: dict[str, Any], issued_at: list[float]
                            color=f"C{row % 10}", alpha=0.8)
         for axis in (connected, messages, issuance):
             axis.axvline(start, color=f"C{row % 10}", alpha=0.25, linewidth=0.7)
+    for crash in report.get("broker_crashes", []):
+        for axis in (connected, messages, issuance, faults):
+            axis.axvline(crash["at_s"], color="red", linestyle=":", linewidth=1.2)
     for start, stop in report.get("crl_lapses", []):
         for axis in (connected, messages, issuance, faults):
             axis.axvspan(start, stop, color="red", alpha=0.2)
@@ -56,7 +59,8 @@ def write_soak_plot(fleet: Fleet, report: dict[str, Any], issued_at: list[float]
                 axis.axvline(at, color="black", linestyle="--", linewidth=0.8)
             connected.annotate(label, (at, connected.get_ylim()[1]), fontsize=8, va="top",
                                xytext=(3, -2), textcoords="offset points")
-    faults.set_xlabel("seconds since the enrollment storm began (red: broker CRL expired)")
+    faults.set_xlabel("seconds since the enrollment storm began (red: broker CRL expired; "
+                      "red dotted: broker crashed and was restarted)")
     verdict = "PASS" if not report["failures"] else "FAIL"
     connected.set_title(
         f"fleet-sim soak, seed {report['seed']}: {report['devices']} devices, "

@@ -62,8 +62,9 @@ class SoakRecord:
     spans: list[tuple[float, float, str, str | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     deaths: list[dict[str, Any]] = field(default_factory=list)
+    broker_crashes: list[dict[str, Any]] = field(default_factory=list)
     removed_at: dict[str, float] = field(default_factory=dict)
-    cut_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cut_marks: dict[str, int] = field(default_factory=dict)  # broker log offsets
     revoked_reconnected: set[str] = field(default_factory=set)
     stranded: dict[str, dict[str, Any]] = field(default_factory=dict)
     est_starts_s: list[float] = field(default_factory=list)
@@ -88,6 +89,8 @@ class Injector:
         self.down: set[str] = set()     # agents the injector stopped on purpose
         self.removed: set[str] = set()
         self.restart_due: dict[str, float] = {}
+        self.broker_stopped = False     # on purpose: a broker-stop fault holds it down
+        self.broker_due: float | None = None
         self.rng = random.Random(plan.seed + 1)
         self.registry: Registry | None = None  # the second witness, open for the run
 
@@ -145,10 +148,12 @@ class Injector:
             self.at(end, what, done)
 
         if kind is FaultKind.BROKER_STOP or kind is FaultKind.BROKER_STOP_LONG:
+            self.broker_stopped = True
             fleet.broker.stop()
-            until(start + fault.hold, "broker start", fleet.broker.start)
+            until(start + fault.hold, "broker start", self.start_broker)
         elif kind is FaultKind.BROKER_RESTART:
-            fleet.broker.restart()
+            fleet.broker.stop()
+            self.start_broker()
             self.record.spans.append((start, fleet.now(), kind.value, None))
         elif kind is FaultKind.BROKER_RERENDER:
             self.rerender()
@@ -244,6 +249,11 @@ class Injector:
         if not self.fleet.agents[device].running():
             self.fleet.start_agents([device])
 
+    def start_broker(self) -> None:
+        self.broker_stopped, self.broker_due = False, None
+        if not self.fleet.broker.process.running():
+            self.fleet.broker.start()
+
     def start_est(self) -> None:
         """Start the EST server again; how long until all its workers listen is a figure."""
         began = time.monotonic()
@@ -269,8 +279,18 @@ class Injector:
     # --- watchers ----------------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Once a second: agents that died are started again; removed devices stay out."""
+        """Once a second: agents and a broker that died are started again, as systemd
+        would (counted: the run fails on what their deaths lost); removed devices stay out."""
         fleet, now = self.fleet, self.fleet.now()
+        broker = fleet.broker.process
+        if not self.broker_stopped and not broker.running():
+            if self.broker_due is None:
+                code = broker.popen.returncode if broker.popen else None
+                self.record.broker_crashes.append({"at_s": round(now, 1), "exit": code})
+                fleet.event(f"broker exited by itself ({code}): restarting")
+                self.broker_due = now + RESTART_S
+            elif now >= self.broker_due:
+                self.start_broker()
         for device, agent in fleet.agents.items():
             if device in self.down or agent.process is None:
                 continue
@@ -289,19 +309,23 @@ class Injector:
             self.watch_removed(device, now - removed)
 
     def watch_removed(self, device: str, since: float) -> None:
-        status = self.fleet.status(device)
-        connected = bool(status.get("connected") and status.get("running"))
-        connects = int((status.get("link") or {}).get("connects") or 0)
-        mark = self.record.cut_marks.get(device)
-        if mark is None:
-            if not connected and since >= 1.0:
-                self.record.cut_marks[device] = (self.fleet.monitor.count(device), connects)
+        """A removed device must be off the broker within CUT_OFF_S and never accepted
+        again: the broker's own log says whom it accepted (queued messages the monitor
+        receives after the removal are not a reconnection)."""
+        if device in self.record.revoked_reconnected:
+            return
+        if device not in self.record.cut_marks:
+            status = self.fleet.status(device)
+            if not (status.get("connected") and status.get("running")) and since >= 1.0:
+                self.record.cut_marks[device] = self.fleet.broker.process.log_offset()
             elif since > CUT_OFF_S:
                 self.record.revoked_reconnected.add(device)  # never cut off
             return
-        if connected or connects > mark[1] or self.fleet.monitor.count(device) > mark[0]:
-            if device not in self.record.revoked_reconnected:
-                self.fleet.event(f"{device} is back on the broker after its removal")
+        accepted = f" as {device} ("
+        log = self.fleet.broker.process.log_since(self.record.cut_marks[device])
+        if any("New client connected" in line and accepted in line
+               for line in log.splitlines()):
+            self.fleet.event(f"{device} is back on the broker after its removal")
             self.record.revoked_reconnected.add(device)
 
 
@@ -432,6 +456,7 @@ def soak_report(fleet: Fleet, plan: Plan, record: SoakRecord, watch: CRLWatch,
         "lost_seqs": lost_seqs(fleet, report),
         "crl_lapses": [[round(a, 1), round(b, 1)] for a, b in watch.windows],
         "agent_deaths": record.deaths,
+        "broker_crashes": record.broker_crashes,
         "monitor_restarts": fleet.monitor.restarts,
         "est_restart_s_max": max(record.est_starts_s, default=None),
         "crl_file_lapsed_s": round(watch.file_lapsed_s, 1),
@@ -509,7 +534,7 @@ def main_soak(args: Any, directory: Path) -> bool:
         issued_at = issuance_times(fleet, record.wall0)
         print_table({k: v for k, v in report.items()
                      if k not in ("issuances_per_device", "fault_spans", "stranded_devices",
-                                  "agent_deaths", "crl_lapses")})
+                                  "agent_deaths", "crl_lapses", "broker_crashes")})
         if args.json:
             write_json(report, args.json)
         if args.plot:

@@ -257,7 +257,8 @@ def test_refresh_crl_is_idempotent_and_serialised_by_the_lock(office: Office,
         assert layout.crl.read_bytes() == office.paths.crl.read_bytes()
         first = layout.crl.stat()
         run(BROKER_CONFIG, "refresh-crl", "--broker", out, "--crl", office.paths.crl)
-        assert revocation.refresh_crl(out, office.paths.crl.read_bytes()) is None
+        again = revocation.refresh_crl(out, office.paths.crl.read_bytes())
+        assert not again.installed and again.reloaded is None
         mosquitto.stop()
         run(BROKER_CONFIG, "refresh-crl", "--broker", out, "--crl", office.paths.crl)
         again = layout.crl.stat()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -196,3 +198,25 @@ def test_the_crl_watch_counts_only_time_a_running_broker_held_an_expired_crl(
 
 
 # --- the real thing ----------------------------------------------------------------------
+
+
+# --- end to end: the CI soak ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_short_soak_of_real_agents_passes_every_invariant(tmp_path: Path) -> None:
+    """5 TPM-backed agents, 90 s, seed 1: the fault kinds the plan test above requires,
+    injected into the real processes; the run's own verdict and its report agree."""
+    report_path = tmp_path / "soak.json"
+    result = subprocess.run([FLEET_SIM, "--devices", "5", "--scenario", "soak", "--duration",
+                             "90", "--seed", "1", "--json", str(report_path)],
+                            capture_output=True, text=True, timeout=540, check=False)
+    report = json.loads(report_path.read_text())
+    assert result.returncode == 0, (report["failures"], result.stdout[-4000:])
+    assert set(SOAK_KEYS) <= report.keys()
+    assert report["failures"] == []
+    assert report["messages_lost"] == 0 and report["messages_sent"] > 0
+    assert report["stranded_devices"] == {} and report["revoked_reconnected"] == []
+    assert report["crl_lapsed_s"] == 0
+    assert report["issuances_per_device_max"] <= report["issuances_expected_max"]
+    assert report["revoked_devices"] and report["faults"]["est-stop"] >= 1
