@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cryptography import x509
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
@@ -43,9 +44,9 @@ from tpm2_pytss.types import (
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from ._keyfile import KeyFile
-from .csr_attestation import TpmCertifyStatement, key_binding
+from .csr_attestation import TpmCertifyStatement, build_attested_csr, encode_bundle, key_binding
 from .errors import KeyFileError, TPMError
-from .tpm import SRK_HANDLE, TPM, KeyBlob, _tpm_error, p256_template
+from .tpm import SRK_HANDLE, TPM, KeyBlob, _tpm_error, csr_names, p256_template
 
 _T = TypeVar("_T")
 
@@ -219,3 +220,14 @@ def certify(tpm: TPM, ak: AttestationKeyBlob, blob: KeyBlob) -> TpmCertifyStatem
             handle, signer, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)))
     return TpmCertifyStatement(bytes(attest), bytes(signature.marshal()),
                                bytes(key.public.publicArea.marshal()))
+
+
+def attested_csr(tpm: TPM, ak: AttestationKeyBlob, blob: KeyBlob, device_id: str,
+                 renewing: x509.Certificate | None = None) -> x509.CertificateSigningRequest:
+    """:func:`device_agent.tpm.build_csr`'s request for ``blob``, carrying the AK's
+    TPM2_Certify of it in the id-aa-attestation attribute; the TPM signs both."""
+    statement = certify(tpm, ak, blob)
+    subject, names = csr_names(device_id, renewing)
+    with tpm.loaded(blob) as key:
+        return build_attested_csr(key, subject, [x509.Extension(names.oid, False, names)],
+                                  encode_bundle([statement]))

@@ -35,7 +35,7 @@ from .identity import device_uri
 from .keystore import Key, KeyStore
 from .lifecycle import full_jitter
 from .tls import NO_CHECK_TIME, client_context, releasing
-from .tpm import TPM, KeyBlob, build_csr, csr_names
+from .tpm import TPM, KeyBlob, build_csr
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,11 @@ class Enroller:
         if ak_path is None or not isinstance(self.tpm, TPM):
             with self.tpm.loaded(blob) as key:
                 return build_csr(key, self.config.device.id, renewing)
-        from .attest import AttestationKeyBlob, certify
-        from .csr_attestation import build_attested_csr, encode_bundle
+        from .attest import AttestationKeyBlob, attested_csr
 
         assert isinstance(blob, KeyBlob)
-        statement = certify(self.tpm, AttestationKeyBlob.read(ak_path), blob)
-        subject, names = csr_names(self.config.device.id, renewing)
-        extension = x509.Extension(names.oid, False, names)
-        with self.tpm.loaded(blob) as key:
-            return build_attested_csr(key, subject, [extension], encode_bundle([statement]))
+        return attested_csr(self.tpm, AttestationKeyBlob.read(ak_path), blob,
+                            self.config.device.id, renewing)
 
     def _retrying(self, call: Callable[[], ESTReply], name: str,
                   attempts: int | None) -> ESTReply:

@@ -20,6 +20,9 @@ factory registered it (its TPMT_PUBLIC, TPM name, and the fingerprint of the EK
 certificate it was proven resident with), and ``certificates.attested``: whether
 the EST server verified that the certificate's key lives in the device's TPM.
 Rows from before version 3 are not attested (0).
+
+Version 4 adds ``attestation_keys.certificate``: the AK certificate the Factory CA
+issued (PEM), for relying parties; NULL for an AK registered under version 3.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from .errors import RegistryError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {table} (
         issuer TEXT NOT NULL,
@@ -48,6 +51,7 @@ _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {table} (
 
 _ATTESTED_FROM_2 = ("ALTER TABLE certificates ADD COLUMN"
                     " attested INTEGER NOT NULL DEFAULT 0 CHECK (attested IN (0, 1))")
+_AK_CERTIFICATE_FROM_3 = "ALTER TABLE attestation_keys ADD COLUMN certificate TEXT"
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -81,13 +85,15 @@ SCHEMA = (
         BEGIN SELECT RAISE(ABORT, 'issuances are append-only'); END""",
     # The device's attestation key (AK): one per device, replaced when the factory
     # provisions it again. ``ak_public`` is the marshalled TPMT_PUBLIC the EST server
-    # verifies TPM2_Certify evidence with; ``ak_name`` its TPM name (hex).
+    # verifies TPM2_Certify evidence with; ``ak_name`` its TPM name (hex); ``certificate``
+    # the Factory CA's certificate of it (PEM).
     """CREATE TABLE IF NOT EXISTS attestation_keys (
         device_id TEXT PRIMARY KEY REFERENCES devices (device_id),
         ak_public BLOB NOT NULL,
         ak_name TEXT NOT NULL,
         ek_cert_sha256 TEXT NOT NULL,
-        registered TEXT NOT NULL)""",
+        registered TEXT NOT NULL,
+        certificate TEXT)""",
     """CREATE TABLE IF NOT EXISTS pending (
         device_id TEXT PRIMARY KEY,
         bootstrap_fingerprint TEXT NOT NULL,
@@ -164,6 +170,8 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
             _certificates_from_1(db)  # the table is made with version 3's columns
         elif version == 2:
             db.execute(_ATTESTED_FROM_2)
+        elif version == 3:
+            db.execute(_AK_CERTIFICATE_FROM_3)
         for statement in SCHEMA:
             db.execute(statement)
         if version == 1:

@@ -11,15 +11,19 @@ rename, so a refusal or a crash leaves no partial identity behind.
 With manufacturer roots in the line settings (issue 16), the TPM must prove who
 made it before anything is written: its EK certificate from NV chains to one of
 those roots and names the EK the TPM holds; a new attestation key (AK) is
-proven to sit beside that EK by credential activation; the AK's key file is
-written beside the bootstrap key (``attestation.tss``, named in agent.toml as
-``[paths] attestation_key``), and its public area and the EK certificate's
-fingerprint are registered with the device, so the EST server can verify the
-TPM2_Certify evidence the device's CSRs carry.
+proven to sit beside that EK by credential activation; the AK certifies the
+bootstrap key (TPM2_Certify, in the bootstrap CSR as every later CSR carries it),
+which is verified by the EST server's own check before the Factory CA certifies
+the AK (``attestation.pem``, for relying parties) and the bootstrap key. The AK's
+key file is written beside the bootstrap key (``attestation.tss``, named in
+agent.toml as ``[paths] attestation_key``), and its public area, certificate and
+the EK certificate's fingerprint are registered with the device, so the EST
+server can verify the TPM2_Certify evidence the device's CSRs carry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hmac
 import json
@@ -34,11 +38,13 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from device_agent._files import fsync_dir, write_private
 from device_agent.attest import (
     AttestationKeyBlob,
     activate_credential,
+    attested_csr,
     create_attestation_key,
     endorsement_key,
     read_endorsement,
@@ -54,8 +60,8 @@ from device_agent.config import (
 )
 from device_agent.errors import ConfigError, IdentityError, TPMError
 from device_agent.identity import validate_device_id
-from device_agent.keystore import KeyStore, is_file_keystore, open_keystore
-from device_agent.tpm import TPM, build_csr
+from device_agent.keystore import Key, KeyStore, is_file_keystore, open_keystore
+from device_agent.tpm import TPM, KeyBlob, build_csr
 
 from . import pki
 from .attestation import (
@@ -65,6 +71,7 @@ from .attestation import (
     ek_fingerprint,
     make_credential,
     parse_public,
+    verify_csr_attestation,
     verify_ek_certificate,
 )
 from .registry import AttestationKey, certificate_fingerprint
@@ -75,6 +82,7 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_LIFETIME = dt.timedelta(days=15 * 365)
 FILES = ("agent.toml", "bootstrap.pem", "bootstrap.tss", "trust.pem", "identity.json")
 AK_FILE = "attestation.tss"  # written too when the line attests TPMs
+AK_CERT_FILE = "attestation.pem"  # the Factory CA's certificate of the AK, beside it
 SAMPLE_DEVICE = ("line-check", "device:/dev/tpmrm0")  # what a line's own settings are checked with
 
 
@@ -83,9 +91,13 @@ class FactoryError(IdentityError):
 
 
 class BootstrapSigner(Protocol):
-    """Who certifies bootstrap keys: the line's local Factory CA, or a remote service."""
+    """Who certifies bootstrap keys and attestation keys: the line's local Factory CA, or a
+    remote service."""
 
     def sign(self, csr: x509.CertificateSigningRequest, device_id: str) -> x509.Certificate: ...
+
+    def certify_attestation_key(self, device_id: str,
+                                public_key: CertificatePublicKeyTypes) -> x509.Certificate: ...
 
 
 class LocalFactoryCA:
@@ -104,6 +116,11 @@ class LocalFactoryCA:
         if not csr.is_signature_valid:
             raise FactoryError("CSR signature does not verify")
         return self.authority.issue_client(device_id, csr.public_key(), BOOTSTRAP_LIFETIME)
+
+    def certify_attestation_key(self, device_id: str,
+                                public_key: CertificatePublicKeyTypes) -> x509.Certificate:
+        """Called once the AK was proven beside the EK and has certified the bootstrap key."""
+        return self.authority.issue_attestation_key(device_id, public_key, BOOTSTRAP_LIFETIME)
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,7 @@ class Summary:
 def _summary(device_id: str, tcti: str, out_dir: Path, cert: x509.Certificate) -> Summary:
     public = cert.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    names = FILES + ((AK_FILE,) if (out_dir / AK_FILE).exists() else ())
+    names = FILES + tuple(name for name in (AK_FILE, AK_CERT_FILE) if (out_dir / name).exists())
     return Summary(device_id, f"{cert.serial_number:x}", certificate_fingerprint(cert),
                    public.decode(), tcti, {name: str(out_dir / name) for name in names})
 
@@ -215,6 +232,34 @@ def attest_tpm(tpm: KeyStore, device_id: str,
                               ek_fingerprint(certificate))
 
 
+def bootstrap_csr(tpm: KeyStore, blob: Key, device_id: str,
+                  ak: AttestationKeyBlob | None) -> x509.CertificateSigningRequest:
+    """The bootstrap key's CSR, signed in the TPM; with the AK's TPM2_Certify of the key when
+    the line attests (as the agent's every later CSR)."""
+    if ak is None:
+        with tpm.loaded(blob) as key:
+            return build_csr(key, device_id)
+    assert isinstance(tpm, TPM) and isinstance(blob, KeyBlob)  # attest_tpm took only a TPM
+    return attested_csr(tpm, ak, blob, device_id)
+
+
+def certify_attestation_key(csr: x509.CertificateSigningRequest, attestation: AttestationKey,
+                            signer: BootstrapSigner) -> x509.Certificate:
+    """The Factory CA's certificate of the AK, once the AK's TPM2_Certify of the bootstrap key
+    in ``csr`` passed the check the EST server makes of every CSR."""
+    try:
+        if verify_csr_attestation(csr, attestation.ak_public) is None:
+            raise FactoryError("the bootstrap request carries no TPM2_Certify evidence")
+        ak_key = parse_public(attestation.ak_public).public_key
+    except AttestationError as exc:
+        raise FactoryError(f"the attestation key's certification of the bootstrap key was "
+                           f"refused: {exc.reason}") from exc
+    certificate = signer.certify_attestation_key(attestation.device_id, ak_key)
+    if certificate.public_key() != ak_key:
+        raise FactoryError("the Factory CA certified a different attestation key")
+    return certificate
+
+
 def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None:
     """(device ID, bootstrap certificate, TCTI) already in ``out_dir``, if any."""
     marker = out_dir / "identity.json"
@@ -250,13 +295,19 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     if line.attests and is_file_keystore(tcti):
         raise FactoryError("key attestation needs a TPM: the file keystore (simulation) "
                            "runs with attestation off (no manufacturer roots)")
-    attestation: tuple[AttestationKeyBlob, AttestationKey] | None = None
+    ak: AttestationKeyBlob | None = None
+    registered: AttestationKey | None = None
     with open_keystore(tcti) as tpm:
         if line.attests:
-            attestation = attest_tpm(tpm, device_id, line)
+            ak, registered = attest_tpm(tpm, device_id, line)
         blob = tpm.create_key()
-        with tpm.loaded(blob) as key:
-            csr = build_csr(key, device_id)
+        csr = bootstrap_csr(tpm, blob, device_id, ak)
+    ak_files: list[tuple[str, bytes, int]] = []
+    if ak is not None and registered is not None:
+        ak_cert = certify_attestation_key(csr, registered, signer)
+        registered = dataclasses.replace(registered, certificate=ak_cert)
+        # the AK is TPM-wrapped like bootstrap.tss; its certificate is for the agent's group
+        ak_files = [(AK_FILE, ak.pem, 0o640), (AK_CERT_FILE, pki.cert_pem(ak_cert), 0o640)]
     cert = signer.sign(csr, device_id)
     if cert.public_key() != blob.public_key():
         raise FactoryError("the Factory CA certified a different key")
@@ -271,9 +322,7 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
                  ("bootstrap.pem", pki.cert_pem(cert), 0o644),
                  ("trust.pem", line.server_trust.read_bytes(), 0o644),
                  ("agent.toml", render_toml(config).encode(), 0o640),
-                 ("identity.json", identity, 0o644)]
-        if attestation is not None:
-            files.append((AK_FILE, attestation[0].pem, 0o640))
+                 ("identity.json", identity, 0o644), *ak_files]
         for name, data, mode in files:
             write_private(staging / name, data, mode)
             if line.service_group is not None:
@@ -281,8 +330,8 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
         if line.service_group is not None:
             os.chown(staging, -1, line.service_group)
         os.chmod(staging, 0o750)  # noqa: S103 - the agent group traverses it
-        if attestation is not None:
-            register(device_id, cert, previous[1] if previous else None, attestation[1])
+        if registered is not None:
+            register(device_id, cert, previous[1] if previous else None, registered)
         else:
             register(device_id, cert, previous[1] if previous else None)
         _swap_into_place(staging, out_dir)

@@ -10,8 +10,10 @@ written.
 
 With --manufacturer-roots (PEM, one or more TPM makers' root certificates) and
 optionally --manufacturer-intermediates, each TPM must prove its maker and hold a
-new attestation key beside its EK before anything is written (key attestation,
-see provisioning/factory.py); a TPM that does not is refused like any failure.
+new attestation key beside its EK, and that key must certify the bootstrap key,
+before anything is written; the Factory CA then certifies the attestation key too
+(attestation.pem; key attestation, see provisioning/factory.py). A TPM that does
+not pass is refused like any failure.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ from device_agent.identity import device_uri, validate_device_id
 
 from .errors import PKIError
 
+# tcg-kp-AIKCertificate (TCG): the extended key usage of an attestation key certificate, as
+# WebAuthn TPM attestation and Windows key attestation require of one.
+TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
+
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -115,21 +119,43 @@ class Authority:
     ) -> x509.Certificate:
         """A device certificate: CN and a URI SAN name the device, clientAuth only;
         ``policies``, if any, in a certificatePolicies extension (not critical)."""
+        builder = self._device_builder(device_id, public_key, lifetime, not_before,
+                                       ExtendedKeyUsageOID.CLIENT_AUTH)
+        if policies:
+            builder = builder.add_extension(x509.CertificatePolicies(
+                [x509.PolicyInformation(oid, None) for oid in policies]), critical=False)
+        return self.sign(builder)
+
+    def issue_attestation_key(
+        self, device_id: str, public_key: CertificatePublicKeyTypes, lifetime: dt.timedelta,
+    ) -> x509.Certificate:
+        """A device's attestation key (AK) certificate, for relying parties that verify
+        what the AK signs (TPM2_Certify, quotes): named like the device's certificates,
+        with tcg-kp-AIKCertificate as its only extended key usage, so no TLS peer
+        accepts it as a client or server certificate."""
+        return self.sign(self._device_builder(device_id, public_key, lifetime, None,
+                                              TCG_KP_AIK_CERTIFICATE))
+
+    def _device_builder(
+        self,
+        device_id: str,
+        public_key: CertificatePublicKeyTypes,
+        lifetime: dt.timedelta,
+        not_before: dt.datetime | None,
+        usage: x509.ObjectIdentifier,
+    ) -> x509.CertificateBuilder:
+        """CN and a URI SAN name the device; a leaf, digitalSignature, ``usage`` only."""
         check_public_key(public_key)
-        builder = (
+        return (
             self._builder(_name(validate_device_id(device_id)), public_key, lifetime, not_before)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_LEAF_USAGE, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))]),
                 critical=False,
             )
         )
-        if policies:
-            builder = builder.add_extension(x509.CertificatePolicies(
-                [x509.PolicyInformation(oid, None) for oid in policies]), critical=False)
-        return self.sign(builder)
 
     def issue_server(
         self,

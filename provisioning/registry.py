@@ -88,15 +88,17 @@ class CertificateRecord:
 class AttestationKey:
     """A device's attestation key as the factory registered it (schema 3).
 
-    ``ak_public`` is the marshalled TPMT_PUBLIC, ``ak_name`` its TPM name, and
+    ``ak_public`` is the marshalled TPMT_PUBLIC, ``ak_name`` its TPM name,
     ``ek_cert_sha256`` the fingerprint of the EK certificate whose TPM proved,
-    by credential activation, that it holds the AK.
+    by credential activation, that it holds the AK, and ``certificate`` the
+    Factory CA's certificate of the AK (schema 4; None for an AK registered before).
     """
 
     device_id: str
     ak_public: bytes
     ak_name: bytes
     ek_cert_sha256: str
+    certificate: x509.Certificate | None = None
     registered: str = ""
 
     def __post_init__(self) -> None:
@@ -106,6 +108,8 @@ class AttestationKey:
             raise ValueError("ak_name must be a TPM name (bytes)")
         if len(self.ek_cert_sha256) != 64:
             raise ValueError("ek_cert_sha256 must be a SHA-256 hex digest")
+        if self.certificate is not None and not isinstance(self.certificate, x509.Certificate):
+            raise TypeError("certificate must be an x509.Certificate")
 
 
 @dataclass(frozen=True)
@@ -242,8 +246,10 @@ class Registry:
                 for row in self._query("SELECT device_id, state FROM devices")}
 
     def register_device(self, device_id: str, bootstrap: x509.Certificate,
-                        previous: x509.Certificate | None = None) -> Device:
-        """Allowlist ``device_id`` with its bootstrap certificate (the factory's registrar).
+                        previous: x509.Certificate | None = None, *,
+                        attested: bool = False) -> Device:
+        """Allowlist ``device_id`` with its bootstrap certificate (the factory's registrar);
+        ``attested``: the factory verified its key's TPM2_Certify by the device's AK.
 
         Registering the same certificate again changes nothing. Replacing a
         device's bootstrap certificate needs the one on record as ``previous``,
@@ -282,7 +288,7 @@ class Registry:
                             " revocation_reason = 'superseded' WHERE device_id = ? AND kind = ?"
                             " AND status = 'issued'", (now, device_id, CertKind.BOOTSTRAP.value))
                 action = "bootstrap replaced"
-            self.record_certificate(device_id, bootstrap, CertKind.BOOTSTRAP)
+            self.record_certificate(device_id, bootstrap, CertKind.BOOTSTRAP, attested)
             self.audit(AuditEntry("register", action, "bootstrap certificate recorded", device_id,
                                   issued_serial=serial_hex(bootstrap.serial_number)))
         device = self.device(device_id)
@@ -463,25 +469,31 @@ class Registry:
                 raise RegistryError(f"no device {key.device_id} to register an attestation "
                                     "key for")
             now = timestamp()
+            certificate = key.certificate
             self._query("INSERT INTO attestation_keys (device_id, ak_public, ak_name,"
-                        " ek_cert_sha256, registered) VALUES (?, ?, ?, ?, ?)"
+                        " ek_cert_sha256, registered, certificate) VALUES (?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT (device_id) DO UPDATE SET ak_public = excluded.ak_public,"
                         " ak_name = excluded.ak_name, ek_cert_sha256 = excluded.ek_cert_sha256,"
-                        " registered = excluded.registered",
+                        " registered = excluded.registered, certificate = excluded.certificate",
                         (key.device_id, key.ak_public, key.ak_name.hex(), key.ek_cert_sha256,
-                         now))
+                         now, pki.cert_pem(certificate).decode() if certificate else None))
+            certified = (f"; certificate {serial_hex(certificate.serial_number)}"
+                         if certificate else "")
             self.audit(AuditEntry("attestation-key", "registered",
                                   f"AK {key.ak_name.hex()} proven beside EK certificate "
-                                  f"{key.ek_cert_sha256}", key.device_id))
+                                  f"{key.ek_cert_sha256}{certified}", key.device_id))
         return dataclasses.replace(key, registered=now)
 
     def attestation_key(self, device_id: str) -> AttestationKey | None:
-        rows = self._query("SELECT device_id, ak_public, ak_name, ek_cert_sha256, registered"
-                           " FROM attestation_keys WHERE device_id = ?", (device_id,))
+        """The device's AK as registered, with the Factory CA's certificate of it if any."""
+        rows = self._query("SELECT device_id, ak_public, ak_name, ek_cert_sha256, certificate,"
+                           " registered FROM attestation_keys WHERE device_id = ?", (device_id,))
         if not rows:
             return None
         row = rows[0]
-        return AttestationKey(row[0], bytes(row[1]), bytes.fromhex(row[2]), row[3], row[4])
+        certificate = x509.load_pem_x509_certificate(row[4].encode()) if row[4] else None
+        return AttestationKey(row[0], bytes(row[1]), bytes.fromhex(row[2]), row[3], certificate,
+                              row[5])
 
     # --- requests held for an operator (RFC 7030 4.2.3) ----------------------------------
 
@@ -586,7 +598,8 @@ def open_registry(path: str | Path, busy_timeout: float = 10.0,
 
 class Registrar(Protocol):
     """The factory's registrar: a device, its bootstrap certificate, the one it replaces,
-    and (when the line attests TPMs) its attestation key."""
+    and (when the line attests TPMs) its attestation key, which has certified the
+    bootstrap key (the factory verified that before the certificate was issued)."""
 
     def __call__(self, device_id: str, bootstrap: x509.Certificate,
                  previous: x509.Certificate | None,
@@ -595,13 +608,14 @@ class Registrar(Protocol):
 
 def registrar(path: str | Path) -> Registrar:
     """The factory's hook: allowlist a device in the registry at ``path``, and record its
-    attestation key when given (one transaction)."""
+    attestation key when given, the bootstrap certificate then as attested (one transaction)."""
 
     def register(device_id: str, bootstrap: x509.Certificate,
                  previous: x509.Certificate | None,
                  attestation: AttestationKey | None = None) -> None:
         with open_registry(path) as registry, registry.transaction():
-            registry.register_device(device_id, bootstrap, previous)
+            registry.register_device(device_id, bootstrap, previous,
+                                     attested=attestation is not None)
             if attestation is not None:
                 registry.register_attestation_key(attestation)
 

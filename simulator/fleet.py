@@ -7,11 +7,18 @@ real ``device-agent``. An independent monitor (mosquitto_sub as the back end)
 counts every device's sequence numbers. All of it is stopped at the end, also
 on Ctrl-C or SIGTERM.
 
+With TPMs, the scenarios attest keys (issue 16; ``FleetOptions.key_attestation``,
+which the soak's own options leave off): each swtpm is manufactured with EK
+certificates by one simulated TPM maker (swtpm_localca), the factory trusts that
+maker's root, and the EST server runs with ``key_attestation = "required"``, so
+every certificate it issues is for a key proven to be in the device's TPM; the
+report says how many were.
+
 ``--keystore file`` is the scale mode: the same agent and factory code with
 ``tcti = "file:<device>/keys"`` (device_agent.filekeys, SIMULATION ONLY:
 software keys in files), no swtpm or tpm2-abrmd, so N is bounded by the broker,
 the EST server and the machine rather than by software TPMs. Its report says
-``"mode": "file"``.
+``"mode": "file"`` and ``"key_attestation": "off"``: file keys cannot be attested.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from provisioning.registry import registrar
 
 from .device import AgentProcess
 from .est import running_est_server
+from .manufacturer import Manufacturer
 from .observe import Sampler, TimedMonitor
 from .processes import (
     ComponentError,
@@ -70,9 +78,14 @@ class FleetOptions:
     recoveries_per_day: int = 100
     bootstrap_reenrolls_per_day: int = 3
     faketime: bool = False        # each agent's clock read from a file (libfaketime)
+    key_attestation: str = "off"  # or "optional", "required": manufactured TPMs, attesting line
 
     def __post_init__(self) -> None:
+        if self.key_attestation not in ("off", "optional", "required"):
+            raise ValueError("key_attestation must be off, optional or required")
         if self.keystore == "file":
+            if self.key_attestation != "off":
+                raise ValueError("file-backed keys cannot be attested: key_attestation is off")
             if not 1 <= self.devices <= MAX_FILE_DEVICES:
                 raise ValueError(f"--devices must be 1-{MAX_FILE_DEVICES} with file-backed keys")
         elif not 1 <= self.devices <= 500:
@@ -120,7 +133,8 @@ class Fleet(contextlib.ExitStack):
             certificate_lifetime=f"{self.options.lifetime_s}s",
             recovery_grace=self.options.recovery_grace,
             recoveries_per_day=self.options.recoveries_per_day,
-            bootstrap_reenrolls_per_day=self.options.bootstrap_reenrolls_per_day))
+            bootstrap_reenrolls_per_day=self.options.bootstrap_reenrolls_per_day,
+            key_attestation=self.options.key_attestation))
         # The broker drops to the mosquitto user, which must traverse to its directory.
         parent = Path(tempfile.mkdtemp(prefix="fleet-broker-"))
         self.callback(shutil.rmtree, parent, ignore_errors=True)
@@ -134,8 +148,9 @@ class Fleet(contextlib.ExitStack):
         self.monitor = self.enter_context(TimedMonitor(
             port=port, cafile=self.pki.server_trust, cert=cert, key=key))
         step(f"back office up in {time.monotonic() - started:.1f}s: est-server :{self.est.port} "
-             f"(recovery :{self.est.recovery_port}, {self.options.lifetime_s}s certificates), "
-             f"mosquitto :{port}, monitor subscribed")
+             f"(recovery :{self.est.recovery_port}, {self.options.lifetime_s}s certificates, "
+             f"key attestation {self.options.key_attestation}), mosquitto :{port}, "
+             "monitor subscribed")
 
     def _init_pki(self, directory: Path) -> pki.PKIPaths:
         """The operator's PKI: CAs, the registry beside them, the first CRL published by
@@ -159,26 +174,33 @@ class Fleet(contextlib.ExitStack):
         started = time.monotonic()
         factory = LocalFactoryCA(self.pki)
         register = registrar(self.est.registry_path)
+        attesting = self.options.key_attestation != "off"
+        maker = Manufacturer(self.directory / "manufacturer", "fleet-sim") if attesting else None
         for device_id in device_ids(self.options.devices):
             directory = self.directory / "devices" / device_id
             if self.options.keystore == "file":
                 tcti, env = f"file:{directory / 'keys'}", {}
             else:
                 tpm = self.enter_context(SoftwareTPM(directory / "tpm", self.bus, device_id,
-                                                     max_transients=3))
+                                                     max_transients=3, manufacturer=maker))
                 tcti, env = tpm.tcti, dict(tpm.env)
             line = LineSettings(est_url=self.est.base_url, recovery_url=self.est.recovery_url,
                                 broker_host="127.0.0.1", broker_port=self.broker.port,
                                 server_trust=self.pki.server_trust,
-                                state_dir=directory / "state", api_socket=directory / "api.sock")
+                                state_dir=directory / "state", api_socket=directory / "api.sock",
+                                manufacturer_roots=(maker.root,) if maker else (),
+                                manufacturer_intermediates=(maker.issuer,) if maker else ())
             provision(device_id, tcti, directory / "etc", factory, line, register)
             config_path = self._tune(directory / "etc" / "agent.toml")
             if self.options.faketime:
                 env.update(self._fake_clock(directory))
             self.agents[device_id] = AgentProcess(config_path, env)
         self.callback(self.stop_agents, list(self.agents))  # before the TPMs go
-        keys = ("file-backed keys (SIMULATION ONLY, no TPM)" if self.options.keystore == "file"
-                else "its own swtpm + tpm2-abrmd")
+        keys = ("file-backed keys (SIMULATION ONLY, no TPM, no key attestation)"
+                if self.options.keystore == "file" else "its own swtpm + tpm2-abrmd")
+        if maker is not None:
+            keys += (", the TPM manufactured with EK certificates and an attestation key "
+                     "certified by the Factory CA")
         step(f"{len(self.agents)} devices provisioned by the factory code, each with {keys}, "
              f"in {time.monotonic() - started:.1f}s")
 
@@ -331,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _soak(args)
     try:
         options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
-                               args.interval, keystore=args.keystore)
+                               args.interval, keystore=args.keystore,
+                               key_attestation="required" if args.keystore == "tpm" else "off")
     except ValueError as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return 2

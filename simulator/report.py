@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from provisioning.registry import open_registry
+from provisioning.registry import CertKind, open_registry
 
 from .scenarios import Findings
 
@@ -47,6 +47,14 @@ def issuance(fleet: Fleet) -> Counter[str]:
     return Counter(e.action for e in log if e.decision == "issued")
 
 
+def attested(fleet: Fleet) -> tuple[int, int]:
+    """(operational certificates whose key the EST server verified TPM-resident, all of them),
+    from the registry's ``certificates.attested``."""
+    with open_registry(fleet.est.registry_path) as registry:
+        operational = [c for c in registry.certificates() if c.kind is CertKind.OPERATIONAL]
+    return sum(c.attested for c in operational), len(operational)
+
+
 def build_report(fleet: Fleet, found: Findings, scenario: str, mode: str) -> dict[str, Any]:
     sent = lost = queued_total = 0
     lost_by_device: dict[str, int] = {}
@@ -64,6 +72,10 @@ def build_report(fleet: Fleet, found: Findings, scenario: str, mode: str) -> dic
     failures = list(found.failures)
     if lost:
         failures.append(f"{lost} message(s) lost: {lost_by_device}")
+    attested_count, operational = attested(fleet)
+    if fleet.options.key_attestation == "required" and attested_count < operational:
+        failures.append(f"key attestation required, yet {operational - attested_count} "
+                        "certificate(s) issued for unattested keys")
     colds = list(found.cold_starts.values())
     return {
         "scenario": scenario,
@@ -77,6 +89,9 @@ def build_report(fleet: Fleet, found: Findings, scenario: str, mode: str) -> dic
         "messages_duplicate": fleet.monitor.received - fleet.monitor.unique_received(),
         "messages_lost": lost,
         "messages_queued": queued_total,
+        "key_attestation": fleet.options.key_attestation,
+        "certificates_issued": operational,
+        "certificates_attested": attested_count,
         "renewals": issued["simplereenroll"],
         "recoveries": issued["recovery"] + max(0, issued["simpleenroll"] - enrolled),
         "offline_devices": len(found.offline),
@@ -101,7 +116,9 @@ def _samples(fleet: Fleet) -> list[Any]:
 
 
 def keys_label(report: dict[str, Any]) -> str:
-    return "file-backed keys (simulation)" if report.get("mode") == "file" else "TPM-backed"
+    if report.get("mode") == "file":
+        return "file-backed keys (simulation), no key attestation"
+    return f"TPM-backed, key attestation {report.get('key_attestation', 'off')}"
 
 
 def print_table(report: dict[str, Any]) -> None:

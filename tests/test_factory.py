@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import datetime as dt
 import grp
 import json
 import os
@@ -14,17 +16,22 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from device_agent import attest
 from device_agent.config import AgentConfig
-from device_agent.tpm import TPM
+from device_agent.csr_attestation import TpmCertifyStatement
+from device_agent.tpm import TPM, KeyBlob
 from provisioning import pki
-from provisioning.registry import open_registry
+from provisioning.attestation import parse_public
+from provisioning.factory import FactoryError, LineSettings, LocalFactoryCA
+from provisioning.factory import provision as provision_in_process
+from provisioning.registry import open_registry, registrar
 from simulator.manufacturer import Manufacturer
 from simulator.processes import SoftwareTPM, require
 
-from .tpm_tools import attributes, load_and_read
+from .tpm_tools import attributes, load_and_read, readpublic
 
 pytestmark = pytest.mark.integration
 
@@ -327,15 +334,22 @@ def pem_file(path: Path, *certificates: x509.Certificate) -> Path:
     return path
 
 
+def provision_attested(line: dict[str, Path], tpm: SoftwareTPM, manufacturer: Manufacturer,
+                       tmp_path: Path, device_id: str, *extra: str,
+                       ) -> subprocess.CompletedProcess[str]:
+    """device-provision on a line that trusts ``manufacturer``, into ``tmp_path/etc``."""
+    roots = pem_file(tmp_path / "roots.pem", manufacturer.root)
+    chain = pem_file(tmp_path / "chain.pem", manufacturer.issuer)
+    return provision(line, "--device-id", device_id, "--tcti", tpm.tcti,
+                     "--out", str(tmp_path / "etc"), "--manufacturer-roots", str(roots),
+                     "--manufacturer-intermediates", str(chain), *extra, env=tpm.env)
+
+
 def test_a_tpm_of_a_trusted_maker_gets_an_attestation_key_proven_beside_its_ek(
     line: dict[str, Path], made_swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
 ) -> None:
-    roots = pem_file(tmp_path / "roots.pem", manufacturer.root)
-    chain = pem_file(tmp_path / "chain.pem", manufacturer.issuer)
     out = tmp_path / "etc"
-    result = provision(line, "--device-id", "fab-att", "--tcti", made_swtpm.tcti,
-                       "--out", str(out), "--manufacturer-roots", str(roots),
-                       "--manufacturer-intermediates", str(chain), env=made_swtpm.env)
+    result = provision_attested(line, made_swtpm, manufacturer, tmp_path, "fab-att")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["files"]["attestation.tss"] == str(out / "attestation.tss")
     assert stat.S_IMODE((out / "attestation.tss").stat().st_mode) == 0o640  # as bootstrap.tss
@@ -377,3 +391,98 @@ def test_a_tpm_without_ek_certificate_is_refused_when_the_line_attests(
                        "--out", str(tmp_path / "etc"), "--manufacturer-roots", str(roots))
     assert result.returncode == 2 and "no EK certificate" in result.stderr, result.stderr
     assert listing(tmp_path) == ["roots.pem"]
+
+
+def test_the_ak_certifies_the_bootstrap_key_and_the_factory_ca_certifies_the_ak(
+    line: dict[str, Path], made_swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
+) -> None:
+    out = tmp_path / "etc"
+    result = provision_attested(line, made_swtpm, manufacturer, tmp_path, "fab-akcert",
+                                "--group", "nogroup")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["attestation.pem"] == str(out / "attestation.pem")
+    assert (stat.S_IMODE((out / "attestation.pem").stat().st_mode),
+            (out / "attestation.pem").stat().st_gid) == (0o640, grp.getgrnam("nogroup").gr_gid)
+    certificate = x509.load_pem_x509_certificate((out / "attestation.pem").read_bytes())
+    boot = x509.load_pem_x509_certificate((out / "bootstrap.pem").read_bytes())
+    certificate.verify_directly_issued_by(pki.load_certs(line["pki"] / "factory-ca" / "ca.pem")[0])
+
+    # its own profile: the device's name, an AK certificate's usage and nothing a TLS peer takes
+    extensions = certificate.extensions
+    assert certificate.subject == boot.subject and certificate.serial_number != boot.serial_number
+    assert list(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == \
+        [pki.TCG_KP_AIK_CERTIFICATE]
+    usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not (usage.key_cert_sign or usage.key_agreement
+                                            or usage.key_encipherment or usage.content_commitment)
+    assert not extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert abs(certificate.not_valid_after_utc - boot.not_valid_after_utc) < dt.timedelta(minutes=1)
+
+    # its key is the AK the TPM holds (tpm2-tools' view) and the one registered for the device
+    load_and_read(made_swtpm, out / "attestation.tss", tmp_path)
+    readpublic(made_swtpm, "-c", str(tmp_path / "key.ctx"), "-f", "pem",
+               "-o", str(tmp_path / "ak-public.pem"))
+    in_tpm = serialization.load_pem_public_key((tmp_path / "ak-public.pem").read_bytes())
+    assert certificate.public_key() == in_tpm
+    with open_registry(line["registry"]) as registry:
+        registered = registry.attestation_key("fab-akcert")
+        records = registry.certificates("fab-akcert")
+    assert registered is not None and registered.certificate == certificate
+    assert parse_public(registered.ak_public).public_key == in_tpm
+    # the bootstrap key's TPM2_Certify by that AK was verified before it was certified
+    assert [(r.serial, r.attested) for r in records] == [(f"{boot.serial_number:x}", True)]
+
+
+class WatchedFactoryCA(LocalFactoryCA):
+    """The line's Factory CA, noting what it was asked to certify."""
+
+    def __init__(self, paths: pki.PKIPaths) -> None:
+        super().__init__(paths)
+        self.asked: list[str] = []
+
+    def sign(self, csr: x509.CertificateSigningRequest, device_id: str) -> x509.Certificate:
+        self.asked.append("bootstrap key")
+        return super().sign(csr, device_id)
+
+    def certify_attestation_key(self, device_id: str,
+                                public_key: CertificatePublicKeyTypes) -> x509.Certificate:
+        self.asked.append("attestation key")
+        return super().certify_attestation_key(device_id, public_key)
+
+
+@pytest.mark.parametrize(("forgery", "reason"), [
+    ("tampered", "attestation signature does not verify"),
+    ("of another key", "attestation was made for another key"),
+])
+def test_a_bootstrap_key_the_ak_did_not_certify_is_refused_before_anything_is_issued(
+    line: dict[str, Path], made_swtpm: SoftwareTPM, manufacturer: Manufacturer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, forgery: str, reason: str,
+) -> None:
+    """The real TPM's TPM2_Certify, spoilt on its way to the factory's check."""
+    genuine = attest.certify
+
+    def forged(tpm: TPM, ak: attest.AttestationKeyBlob, blob: KeyBlob) -> TpmCertifyStatement:
+        if forgery == "of another key":
+            return genuine(tpm, ak, tpm.create_key())
+        statement = genuine(tpm, ak, blob)
+        return dataclasses.replace(statement, attest=statement.attest[:-1]
+                                   + bytes([statement.attest[-1] ^ 1]))
+
+    monkeypatch.setattr(attest, "certify", forged)
+    paths = pki.PKIPaths(line["pki"])
+    settings = LineSettings(est_url="https://est.example:8443", broker_host="broker.example",
+                            broker_port=8883, server_trust=paths.server_trust,
+                            state_dir=tmp_path / "state", api_socket=None,
+                            manufacturer_roots=(manufacturer.root,),
+                            manufacturer_intermediates=(manufacturer.issuer,))
+    factory_ca = WatchedFactoryCA(paths)
+    device_id = "fab-forged-" + forgery.replace(" ", "-")
+    before = listing(tmp_path)
+    with pytest.raises(FactoryError, match=f"certification of the bootstrap key was refused: "
+                                           f"{reason}"):
+        provision_in_process(device_id, made_swtpm.tcti, tmp_path / "etc", factory_ca, settings,
+                             registrar(line["registry"]))
+    assert listing(tmp_path) == before and factory_ca.asked == []
+    with open_registry(line["registry"]) as registry:
+        assert registry.device(device_id) is None
+        assert registry.attestation_key(device_id) is None

@@ -86,6 +86,7 @@ def test_fleet_sim_file_mode_enrolls_and_runs_devices_without_a_tpm(tmp_path: Pa
         assert "file-backed keys (simulation)" in result.stdout
         report = json.loads(report_path.read_text())
         assert report["mode"] == "file"
+        assert (report["key_attestation"], report["certificates_attested"]) == ("off", 0)
         assert report["devices"] == report["enrolled"] == report["connected"] == 5
         assert report["messages_lost"] == 0 and report["failures"] == []
         assert report["messages_received"] >= report["messages_sent"] > 0

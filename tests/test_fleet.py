@@ -28,6 +28,9 @@ def test_a_small_fleet_survives_a_broker_restart_and_loses_nothing(tmp_path: Pat
     report = json.loads(report_path.read_text())
     assert set(REQUIRED) <= set(report), set(REQUIRED) - set(report)
     assert report["mode"] == "tpm"
+    # manufactured TPMs, an attesting factory line, est-server with key_attestation = required
+    assert report["key_attestation"] == "required"
+    assert report["certificates_attested"] == report["certificates_issued"] >= 3
     assert report["devices"] == report["enrolled"] == report["connected"] == 3
     assert report["messages_lost"] == 0 and report["failures"] == []
     assert report["messages_received"] >= report["messages_sent"] > 0

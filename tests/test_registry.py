@@ -510,7 +510,7 @@ def schema_2_registry(path: Path, factory: pki.Authority, device_ca: pki.Authori
     return serial
 
 
-def test_a_schema_2_registry_is_migrated_to_3(
+def test_a_schema_2_registry_is_migrated(
     tmp_path: Path, factory: pki.Authority, device_ca: pki.Authority,
 ) -> None:
     serial = schema_2_registry(tmp_path / "v2.db", factory, device_ca)
@@ -526,13 +526,77 @@ def test_a_schema_2_registry_is_migrated_to_3(
     with open_registry(tmp_path / "v2.db"):  # opening again migrates nothing
         pass
     db = sqlite3.connect(tmp_path / "v2.db")
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     db.close()
 
 
-def test_a_schema_1_registry_is_migrated_through_to_3(tmp_path: Path) -> None:
+def test_a_schema_1_registry_is_migrated_through_to_the_latest(tmp_path: Path) -> None:
     schema_1_registry(tmp_path / "old.db")
     with open_registry(tmp_path / "old.db") as registry:
         assert not any(c.attested for c in registry.certificates("dev-1"))
         registry.register_attestation_key(dataclasses.replace(AK, device_id="dev-1"))
         assert registry.attestation_key("dev-1") is not None
+
+
+# --- schema 4: the Factory CA's certificate of the attestation key ---------------------------
+
+def ak_certificate(factory: pki.Authority, device_id: str) -> x509.Certificate:
+    return factory.issue_attestation_key(device_id, ec.generate_private_key(
+        ec.SECP256R1()).public_key(), DAY)
+
+
+def test_the_attestation_key_certificate_is_recorded_with_the_ak(
+    registry: Registry, factory: pki.Authority,
+) -> None:
+    registry.register_device("dev-akc", bootstrap(factory, "dev-akc"))
+    certificate = ak_certificate(factory, "dev-akc")
+    registry.register_attestation_key(dataclasses.replace(AK, device_id="dev-akc",
+                                                          certificate=certificate))
+    stored = registry.attestation_key("dev-akc")
+    assert stored is not None and stored.certificate == certificate
+    assert serial_hex(certificate.serial_number) in registry.audit_log("dev-akc")[-1].reason
+    with pytest.raises(TypeError):
+        dataclasses.replace(AK, certificate=pki.cert_pem(certificate))
+
+
+def test_the_registrar_records_an_attested_bootstrap_with_its_ak(
+    tmp_path: Path, factory: pki.Authority,
+) -> None:
+    """The factory registers an AK only after it verified the AK's certification of the
+    bootstrap key: that bootstrap certificate is recorded as attested, a plain one is not."""
+    register = registrar(tmp_path / "r.db")
+    register("dev-ak", bootstrap(factory, "dev-ak"), None, AK)
+    register("dev-plain", bootstrap(factory, "dev-plain"), None)
+    with open_registry(tmp_path / "r.db") as registry:
+        assert [c.attested for c in registry.certificates("dev-ak")] == [True]
+        assert [c.attested for c in registry.certificates("dev-plain")] == [False]
+
+
+_AK_CERTIFICATE_COLUMN = ",\n        certificate TEXT)"
+
+
+def test_a_schema_3_registry_keeps_its_aks_and_gains_their_certificates(
+    tmp_path: Path, factory: pki.Authority,
+) -> None:
+    db = sqlite3.connect(tmp_path / "v3.db")
+    for statement in _registry_schema.SCHEMA:
+        db.execute(statement.replace(_AK_CERTIFICATE_COLUMN, ")"))
+    db.execute("INSERT INTO schema_version VALUES (3)")
+    db.execute("INSERT INTO devices VALUES ('dev-3', 'active', 'ff', '2025', '2025')")
+    db.execute("INSERT INTO attestation_keys VALUES ('dev-3', ?, ?, ?, '2025')",
+               (AK.ak_public, AK.ak_name.hex(), AK.ek_cert_sha256))
+    db.commit()
+    assert "certificate" not in [row[1] for row in db.execute(
+        "PRAGMA table_info(attestation_keys)")]
+    db.close()
+    with open_registry(tmp_path / "v3.db") as registry:
+        old = registry.attestation_key("dev-3")
+        assert old is not None and (old.ak_public, old.certificate) == (AK.ak_public, None)
+        certificate = ak_certificate(factory, "dev-3")
+        registry.register_attestation_key(dataclasses.replace(AK, device_id="dev-3",
+                                                              certificate=certificate))
+        renewed = registry.attestation_key("dev-3")
+        assert renewed is not None and renewed.certificate == certificate
+    db = sqlite3.connect(tmp_path / "v3.db")
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    db.close()
