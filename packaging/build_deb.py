@@ -62,7 +62,7 @@ PACKAGES = {
                      "certificates over EST, and publishes telemetry to an MQTT broker over\n"
                      "mutual TLS. Provision the device with device-provision, then\n"
                      "systemctl start device-agent."),
-        extras="",
+        extras="",                   # the device install: the core dependencies only
         commands=("device-agent", "device-provision"),
         files={
             "/usr/lib/systemd/system/device-agent.service": AGENT_DATA / "device-agent.service",
@@ -83,7 +83,7 @@ PACKAGES = {
         description=("The EST server (RFC 7030) with its recovery listener, the PKI and\n"
                      "registry command (device-pki), the broker configuration command\n"
                      "(broker-config) and a timer that keeps the broker's CRL fresh."),
-        extras="server",
+        extras="server,broker",
         commands=("est-server", "device-pki", "broker-config"),
         files={
             "/usr/lib/systemd/system/est-server.service": SERVER_DATA / "est-server.service",
@@ -122,6 +122,9 @@ def debian_release() -> str:
 
 def build_venv(package: Package, venv: Path) -> None:
     run(PYTHON, "-m", "venv", venv)
+    # pip builds the project in the tree, and setuptools puts into the wheel whatever an
+    # earlier build left in build/lib, also packages the project no longer ships
+    shutil.rmtree(ROOT / "build" / "lib", ignore_errors=True)
     spec = f"{ROOT}[{package.extras}]" if package.extras else str(ROOT)
     run(venv / "bin/python", "-m", "pip", "install", "--quiet", "--no-compile",
         "--no-cache-dir", "--no-warn-script-location", spec)

@@ -33,6 +33,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[server,broker,simulator,test]'
     touch "$stamp"
 fi
+# simulator/ and benchmarks/ are not in the wheel, so the editable install does not map
+# them: the checkout itself goes on the venv's path, for fleet-sim from any directory.
+purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$purelib/tpm-device-identity-checkout.pth"
