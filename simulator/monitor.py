@@ -38,6 +38,8 @@ class TelemetryMonitor:
         self._closing = threading.Event()
         self.received = 0
         self.restarts = 0
+        self.unparsed: list[str] = []  # lines that name no device and seq (the first 20)
+        self.unparsed_count = 0
 
     def _spawn(self) -> subprocess.Popen[str]:
         process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
@@ -94,6 +96,10 @@ class TelemetryMonitor:
                 message = json.loads(payload)
                 device, seq = topic.split("/")[1], int(message["seq"])
             except (ValueError, KeyError, IndexError, TypeError):
+                with self._lock:
+                    self.unparsed_count += 1
+                    if len(self.unparsed) < 20:
+                        self.unparsed.append(line[:300])
                 continue
             with self._lock:
                 self._seen(device, seq, time.monotonic())

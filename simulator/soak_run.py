@@ -454,6 +454,8 @@ def soak_report(fleet: Fleet, plan: Plan, record: SoakRecord, watch: CRLWatch,
         "revoked_reconnected": sorted(record.revoked_reconnected),
         "crl_lapsed_s": figures.crl_lapsed_s,
         "lost_seqs": lost_seqs(fleet, report),
+        "monitor_unparsed": fleet.monitor.unparsed_count,
+        "monitor_unparsed_lines": fleet.monitor.unparsed,
         "crl_lapses": [[round(a, 1), round(b, 1)] for a, b in watch.windows],
         "agent_deaths": record.deaths,
         "broker_crashes": record.broker_crashes,
@@ -534,7 +536,8 @@ def main_soak(args: Any, directory: Path) -> bool:
         issued_at = issuance_times(fleet, record.wall0)
         print_table({k: v for k, v in report.items()
                      if k not in ("issuances_per_device", "fault_spans", "stranded_devices",
-                                  "agent_deaths", "crl_lapses", "broker_crashes")})
+                                  "agent_deaths", "crl_lapses", "broker_crashes",
+                                  "monitor_unparsed_lines")})
         if args.json:
             write_json(report, args.json)
         if args.plot:
