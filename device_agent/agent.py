@@ -143,14 +143,15 @@ class Agent:
         self._job: subprocess.Popen[str] | None = None
         self._check_time = True
         self._results: queue.Queue[Result] = queue.Queue()
+        self._wake = threading.Event()  # set when a credential job has answered
         self._staged: dict[int, Generation] = {}  # issued, not yet made current
         self._next: dict[str, float] = {}
 
     # --- running ---------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         raise_file_limit()
         state_dir = self._usable_paths()
@@ -168,11 +169,16 @@ class Agent:
                 self._start(self.store.repair())
                 self.notifier.ready()
                 while not self.stop.is_set():
+                    self._wake.clear()
                     self._tick()
-                    self.stop.wait(TICK)
+                    self._wake.wait(TICK)  # a job's answer is taken at once, not next tick
             finally:
                 self._shutdown(api)
         return 0
+
+    def _request_stop(self) -> None:
+        self.stop.set()
+        self._wake.set()
 
     def _usable_paths(self) -> Path:
         """The state directory, made if missing; a path problem is a named, final error."""
@@ -334,11 +340,13 @@ class Agent:
                 output, _ = job.communicate(config)
             except OSError as exc:
                 self._results.put(Failed(work, f"cannot start the credential job: {exc}"))
+                self._wake.set()
                 return
             result, generation = result_of(work, output, job.returncode, self.store.generation)
             if generation is not None:
                 self._staged[generation.number] = generation
             self._results.put(result)
+            self._wake.set()
 
         self._worker = threading.Thread(target=run, name=work.value, daemon=True)
         self._worker.start()
