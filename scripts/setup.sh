@@ -21,6 +21,25 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Debian 12's Mosquitto (2.0.11) segfaults and loses acknowledged QoS 1 messages under the
+# soak's churn (README, "The soak"); bookworm-backports carries 2.0.21, as Debian 13 does.
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" = bookworm ] \
+        && ! dpkg --compare-versions "$(dpkg-query -W -f='${Version}' mosquitto)" ge 2.0.21; then
+    [ "$(id -u)" -eq 0 ] || { echo "setup: Mosquitto >= 2.0.21 needed: run as root" >&2; exit 1; }
+    mirror=$( { sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null
+                grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+                    | awk '{print $2}'; } | grep -v -- '-security' | head -n1 || true)
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\n%s\n' \
+        "${mirror:-http://deb.debian.org/debian}" \
+        'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+        > /etc/apt/sources.list.d/bookworm-backports.sources
+    echo "setup: Mosquitto 2.0.21 from bookworm-backports"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+        mosquitto mosquitto-clients >/dev/null
+fi
 # The Debian mosquitto package enables a system service; our tests and demo start their own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
     systemctl stop mosquitto || true

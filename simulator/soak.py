@@ -185,8 +185,8 @@ def plan(seed: int, devices: Sequence[str], timing: Timing) -> Plan:
         kind = rng.choice(DEVICE_KINDS)
         device = rng.choice(list(devices))
         reserve = timing.reserve(kind)
-        at = rng.uniform(1, end - reserve)
-        if at < 1 or not _free(device_busy[device], at - 2, at + reserve + 2):
+        at = math.floor(rng.uniform(1, end - reserve) * 10) / 10  # on the plan's 0.1 s grid,
+        if at < 1 or not _free(device_busy[device], at - 2, at + reserve + 2):  # never later
             continue
         hold, param = {
             FaultKind.AGENT_KILL: (rng.uniform(0.5, 5), 0.0),
@@ -198,7 +198,7 @@ def plan(seed: int, devices: Sequence[str], timing: Timing) -> Plan:
             FaultKind.OFF_PAST_EXPIRY: (rng.uniform(0.2, 0.6), 0.0),
             FaultKind.OFF_PAST_GRACE: (rng.uniform(2, 5), 0.0),
         }[kind]
-        faults.append(Fault(round(at, 1), kind, device, round(hold, 2), param))
+        faults.append(Fault(at, kind, device, round(hold, 2), param))
         device_busy[device].append((at, at + reserve))
     faults.sort(key=lambda f: (f.at, f.kind.value, f.device or ""))
     return Plan(seed, tuple(devices), timing, tuple(faults))
