@@ -192,12 +192,27 @@ def rss_mb(pid: int) -> float:
     return vm_kb(pid, "VmRSS")[0] / 1024
 
 
+def resident_by_mapping(pid: int) -> dict[str, float]:
+    """MB resident per mapped file (``[anon]`` for anonymous memory, ``[heap]``), from
+    /proc/<pid>/smaps: where a process's RSS sits, libraries apart from Python's objects."""
+    resident: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            name = fields[5] if len(fields) > 5 else "[anon]"
+        elif fields[0] == "Rss:":
+            resident[name] = resident.get(name, 0.0) + int(fields[1]) / 1024
+    return resident
+
+
 @dataclasses.dataclass(frozen=True)
 class Steady:
     rss: float  # MB, mean of one sample a second
     rss_max: float
     cpu: float  # % of one core
     received: int  # messages the monitor had from it in the window
+    mappings: dict[str, float]  # MB resident per mapping at the window's end
 
 
 @contextlib.contextmanager
@@ -242,7 +257,7 @@ def steady_state(agent: AgentProcess, monitor: TelemetryMonitor, seconds: float,
         elapsed = time.monotonic() - t0
         figures = [Steady(statistics.mean(samples[name]), max(samples[name]),
                           (cpu_seconds(pid) - cpu0[name]) / elapsed * 100,
-                          len(monitor.seqs(name)) - received[name])
+                          len(monitor.seqs(name)) - received[name], resident_by_mapping(pid))
                    for name, pid in clients.items()]
     return figures[0], figures[1]
 
@@ -543,6 +558,11 @@ def report_steady(agent: Steady, paho_client: Steady, window: float, warmup: flo
               f"CPU {figures.cpu:5.2f} %   {figures.received} messages received")
     print(f"ratio agent/bare paho, steady RSS: {agent.rss / paho_client.rss:.2f} "
           f"(+{agent.rss - paho_client.rss:.1f} MB)")
+    extra = {name: mb - paho_client.mappings.get(name, 0.0)
+             for name, mb in agent.mappings.items()}
+    shown = sorted((item for item in extra.items() if item[1] >= 0.2), key=lambda i: -i[1])
+    print("  where the difference sits (daemon - bare paho, MB resident per mapping): "
+          + ", ".join(f"{Path(name).name} {mb:+.1f}" for name, mb in shown))
 
 
 def report_first_boots(boots: FirstBoots) -> None:
