@@ -157,8 +157,11 @@ def signing_rate(authority: pki.Authority, seconds: float) -> float:
 # --- set-up -------------------------------------------------------------------------------
 
 
-def prepare(directory: Path, clients: int) -> tuple[pki.PKIPaths, list[tuple[Path, Path, bytes]]]:
-    paths = pki.init_pki(directory / "pki")
+def prepare(directory: Path, clients: int, pkcs11: str | None = None,
+            ) -> tuple[pki.PKIPaths, list[tuple[Path, Path, bytes]]]:
+    """A PKI (its CA keys in the token ``pkcs11`` names, if given), a registry and
+    ``clients`` registered devices with their bootstrap credentials and a CSR each."""
+    paths = pki.init_pki(directory / "pki", pkcs11=pkcs11)
     factory = pki.read_authority(paths.factory_ca)
     identities = []
     with open_registry(paths.registry) as registry:
@@ -176,6 +179,7 @@ def prepare(directory: Path, clients: int) -> tuple[pki.PKIPaths, list[tuple[Pat
                    .sign(op_key, hashes.SHA256()))
             body = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
             identities.append((cert_path, key_path, body))
+    factory.close()
     return paths, identities
 
 

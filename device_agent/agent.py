@@ -53,7 +53,8 @@ from .controller import (
     Work,
 )
 from .credentials import CertificateFacts, CredentialStore, Generation
-from .errors import ConfigError, IdentityError, OutboxCorruptError, OutboxError
+from .errors import ConfigError, IdentityError, OutboxCorruptError, OutboxError, TPMError
+from .health import Health, job_tpm_error, write_textfile
 from .keystore import check_key_file, is_file_keystore, keystore_kind, probe
 from .lifecycle import RenewalPolicy, clock_plausible
 from .localapi import LocalAPI
@@ -136,6 +137,7 @@ class Agent:
             lambda: dt.datetime.now(dt.UTC),
             lambda: time.clock_gettime(time.CLOCK_BOOTTIME)))  # counts a suspend, too
         self.errors: collections.deque[str] = collections.deque(maxlen=10)
+        self.health = Health()  # counters for status.json and the metrics textfile
         self.notifier = Notifier()
         self.link: MQTTLink | None = None
         self.generation: Generation | None = None
@@ -218,6 +220,8 @@ class Agent:
             try:
                 self._use(current)
             except IdentityError as exc:
+                if isinstance(exc, TPMError):
+                    self.health.tpm_error()
                 kept = self.store.quarantine(current)
                 self._error(f"credential generation {current.number} unusable ({exc}); "
                             f"kept as {kept.name}")
@@ -243,7 +247,7 @@ class Agent:
             if worker.is_alive():
                 log.warning("credential job %s still running at exit; killed", worker.name)
                 job.kill()
-        self._write_status()
+        self._write_status(final=True)
         log.info("stopped; %d message(s) left in the outbox", self.outbox.depth())
 
     def publish(self, topic_suffix: str, data: dict[str, Any]) -> int:
@@ -342,6 +346,8 @@ class Agent:
                 self._results.put(Failed(work, f"cannot start the credential job: {exc}"))
                 self._wake.set()
                 return
+            if job_tpm_error(output):
+                self.health.tpm_error()
             result, generation = result_of(work, output, job.returncode, self.store.generation)
             if generation is not None:
                 self._staged[generation.number] = generation
@@ -357,6 +363,13 @@ class Agent:
         except queue.Empty:
             return
         self._worker = self._job = None
+        if isinstance(outcome, Issued):
+            self.health.job_done(outcome.work.value, "issued")
+        elif isinstance(outcome, Refused):
+            self.health.job_done(outcome.work.value, "refused",
+                                 f"{outcome.status} {outcome.reason}")
+        elif isinstance(outcome, Failed):
+            self.health.job_done(outcome.work.value, "failed", outcome.error)
         self._carry_out(self.controller.result(outcome))
 
     def _use(self, generation: Generation) -> None:
@@ -369,6 +382,7 @@ class Agent:
                                  check_time=clock_plausible(dt.datetime.now(dt.UTC)))
         if self.link is not None:
             self.link.stop(drain=1.0)
+            self.health.link_closed(self.link.stats.connects)
             with releasing():
                 self.link = None
         self.generation = generation
@@ -413,6 +427,8 @@ class Agent:
         try:
             probe(self.config.device.tcti)
         except IdentityError as exc:
+            if isinstance(exc, TPMError):
+                self.health.tpm_error()
             self._error(f"watchdog withheld: {exc}")
             return False
         if self.generation is not None and not self.generation.complete():
@@ -446,6 +462,8 @@ class Agent:
             "cert_serial": f"{facts.serial:x}" if facts else None,
             "key_sha256": facts.key_sha256 if facts else None,
             "cert_not_after": facts.not_after.isoformat() if facts else None,
+            "cert_expires_in_s": round((facts.not_after - controller.now()).total_seconds(), 1)
+            if facts else None,
             "renew_at": renew_at.isoformat() if renew_at else None,
             "connected": bool(link and link.connected.is_set()),
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
@@ -460,14 +478,21 @@ class Agent:
             "clock_offset_s": controller.offset.total_seconds()
             if controller.offset is not None else None,
             "errors": list(self.errors),
+            **self.health.fields(link.stats.connects if link else 0),
         }
 
-    def _write_status(self) -> None:
+    def _write_status(self, final: bool = False) -> None:
         status = self.status()
         try:
             write_status(self.config.paths.state_dir, status)
         except IdentityError as exc:  # a full disk must not stop the agent
             self._error_now_and_then("status", f"status not written: {exc}")
+        metrics = self.config.metrics
+        if metrics.textfile is not None and (self._due("textfile", metrics.interval) or final):
+            try:
+                write_textfile(metrics.textfile, {**status, "updated": time.time()})
+            except IdentityError as exc:
+                self._error_now_and_then("textfile", f"metrics textfile not written: {exc}")
         connected = "connected" if status["connected"] else "not connected"
         self.notifier.status(f"{status['state']}, {connected}, outbox {status['outbox_depth']}")
 

@@ -43,6 +43,12 @@ def _status(args: argparse.Namespace) -> int:
     print(f"outbox        {status.get('outbox_depth')} waiting, {status.get('outbox_dropped')} "
           f"dropped, last seq {status.get('last_seq')}")
     print(f"published     {link.get('published', 0)} sent, {link.get('acked', 0)} acknowledged")
+    print(f"health        expires in {status.get('cert_expires_in_s')} s, "
+          f"{status.get('reconnects')} reconnect(s), {status.get('tpm_errors')} TPM error(s)")
+    last = status.get("last_renewal")
+    if last:
+        detail = f": {last['detail']}" if last.get("detail") else ""
+        print(f"last renewal  {last['work']} {last['outcome']} at {last['at']}{detail}")
     for error in status.get("errors") or []:
         print(f"error         {error}")
     return 0 if status["running"] else 3

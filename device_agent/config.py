@@ -77,6 +77,12 @@ class APISection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    textfile: Path | None = None  # a Prometheus textfile for node_exporter (health.py); off
+    interval: float = 15.0  # seconds between rewrites of it
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device: DeviceSection
     paths: PathsSection
@@ -85,6 +91,7 @@ class AgentConfig:
     renewal: RenewalSection = field(default_factory=RenewalSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     api: APISection = field(default_factory=APISection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<memory>"
 
     @classmethod
@@ -162,6 +169,12 @@ class AgentConfig:
             raise fail("[api] max_payload", f"must be 1-262144 bytes, got {self.api.max_payload}")
         if self.outbox.max_messages < 1 or self.outbox.inflight < 1:
             raise fail("[outbox]", "max_messages and inflight must be positive")
+        if not 1 <= self.metrics.interval <= 3600:
+            raise fail("[metrics] interval",
+                       f"must be 1-3600 seconds, got {self.metrics.interval}")
+        if self.metrics.textfile is not None and self.metrics.textfile.suffix != ".prom":
+            raise fail("[metrics] textfile", "must end in .prom (node_exporter reads only "
+                                             f"those), got {str(self.metrics.textfile)!r}")
 
 
 def _required(cls: type, name: str) -> bool:

@@ -12,7 +12,8 @@ and reads one JSON line from its stdout:
   in the credential store, its facts beside it (credentials.py);
 * ``{"outcome": "time", "server_now": ISO-8601 or null}``: the EST server's clock;
 * ``{"outcome": "refused", "status": S, "reason": R, "retry_after": s or null}``;
-* ``{"outcome": "failed", "error": E, "retry_after": s or null}``.
+* ``{"outcome": "failed", "error": E, "retry_after": s or null}``, with ``"tpm": true``
+  when the TPM failed (the agent counts these, health.py).
 
 SIGTERM (the agent is stopping) ends retries; the job still answers.
 """
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import AgentConfig
-from .errors import ESTError, IdentityError
+from .errors import ESTError, IdentityError, TPMError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def answer_of(run: Callable[[], object]) -> dict[str, Any]:
         return {"outcome": "refused", "status": exc.status, "reason": exc.reason or str(exc),
                 "retry_after": exc.retry_after}
     except IdentityError as exc:
-        return {"outcome": "failed", "error": str(exc), "retry_after": None}
+        return _failed(exc)
     if isinstance(value, Generation):
         return {"outcome": "issued", "generation": value.number}
     assert value is None or isinstance(value, dt.datetime), value
@@ -84,7 +85,14 @@ def run_work(config: AgentConfig, work: str, generation: int | None, check_time:
                 return answer_of(lambda: enroller.enroll(attempts=1))
             return answer_of(enroller.server_time)
     except IdentityError as exc:  # the TPM could not be opened
-        return {"outcome": "failed", "error": str(exc), "retry_after": None}
+        return _failed(exc)
+
+
+def _failed(exc: IdentityError) -> dict[str, Any]:
+    answer: dict[str, Any] = {"outcome": "failed", "error": str(exc), "retry_after": None}
+    if isinstance(exc, TPMError):
+        answer["tpm"] = True
+    return answer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

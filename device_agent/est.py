@@ -12,7 +12,9 @@ import base64
 import binascii
 import email.utils
 import http.client
+import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -67,9 +69,17 @@ class ESTClient:
         """Re-enroll with an expired operational certificate on the recovery listener."""
         return self._call("POST", f"{RECOVERY}/simplereenroll", csr)
 
+    def labeled_enroll(self, label: str, csr: x509.CertificateSigningRequest, query: str = "",
+                       headers: Mapping[str, str] | None = None) -> ESTReply:
+        """simpleenroll under an RFC 7030 (3.2.2) label, ``/.well-known/est/LABEL/simpleenroll``,
+        with ``query`` (already encoded) and extra ``headers`` (the factory signing service)."""
+        path = f"{WELL_KNOWN}/{label}/simpleenroll" + (f"?{query}" if query else "")
+        return self._call("POST", path, csr, headers)
+
     def _call(self, method: str, path: str,
-              csr: x509.CertificateSigningRequest | None = None) -> ESTReply:
-        headers = {"Accept": "application/pkcs7-mime"}
+              csr: x509.CertificateSigningRequest | None = None,
+              extra_headers: Mapping[str, str] | None = None) -> ESTReply:
+        headers = {"Accept": "application/pkcs7-mime", **(extra_headers or {})}
         body = None
         if csr is not None:
             body = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
@@ -80,6 +90,9 @@ class ESTClient:
         try:
             with handshake_lock:
                 connection.connect()
+            # http.client writes the head and the body in two sends: without NODELAY the
+            # body waits for the server's delayed ACK of the head (40 ms on Linux).
+            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.request(method, self.prefix + path, body=body, headers=headers)
             response = connection.getresponse()
             data = response.read(MAX_RESPONSE + 1)

@@ -82,9 +82,10 @@ PACKAGES = {
         summary="Back office of the TPM device identity: PKI, EST server, broker configuration",
         description=("The EST server (RFC 7030) with its recovery listener, the PKI and\n"
                      "registry command (device-pki), the broker configuration command\n"
-                     "(broker-config) and a timer that keeps the broker's CRL fresh."),
+                     "(broker-config), a timer that keeps the broker's CRL fresh, and the\n"
+                     "factory line's signing service (factory-ca)."),
         extras="server,broker",
-        commands=("est-server", "device-pki", "broker-config"),
+        commands=("est-server", "device-pki", "broker-config", "factory-ca"),
         files={
             "/usr/lib/systemd/system/est-server.service": SERVER_DATA / "est-server.service",
             "/usr/lib/systemd/system/device-crl-refresh.service":

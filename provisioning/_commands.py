@@ -37,6 +37,12 @@ def est_server() -> int:
     return launch("est-server", "provisioning.est_server", {"aiohttp": extra("server")})
 
 
+def factory_ca() -> int:
+    """``factory-ca``: only ``serve`` needs aiohttp; station and init commands need the core."""
+    needs = {"aiohttp": extra("server")} if sys.argv[1:2] == ["serve"] else {}
+    return launch("factory-ca", "provisioning.factory_ca_cli", needs)
+
+
 def fleet_sim() -> int:
     return launch("fleet-sim", "simulator.fleet", {
         "simulator": CHECKOUT,

@@ -23,6 +23,11 @@ Rows from before version 3 are not attested (0).
 
 Version 4 adds ``attestation_keys.certificate``: the AK certificate the Factory CA
 issued (PEM), for relying parties; NULL for an AK registered under version 3.
+
+Version 5 adds ``factory_enrollments`` (issue 17): the bootstrap certificate the factory
+signing service issued to a device (PEM), and which station asked for it, so a station's
+re-run gets the same certificate back and another station's needs ``force``. A new
+table only: an older database gains it empty.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from .errors import RegistryError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _CERTIFICATES = """CREATE TABLE IF NOT EXISTS {table} (
         issuer TEXT NOT NULL,
@@ -94,6 +99,15 @@ SCHEMA = (
         ek_cert_sha256 TEXT NOT NULL,
         registered TEXT NOT NULL,
         certificate TEXT)""",
+    # The factory signing service's last bootstrap certificate per device (PEM) and the
+    # station that asked for it (its name and certificate serial).
+    """CREATE TABLE IF NOT EXISTS factory_enrollments (
+        device_id TEXT PRIMARY KEY REFERENCES devices (device_id),
+        station TEXT NOT NULL,
+        station_serial TEXT NOT NULL,
+        certificate TEXT NOT NULL,
+        public_key_sha256 TEXT NOT NULL,
+        at TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS pending (
         device_id TEXT PRIMARY KEY,
         bootstrap_fingerprint TEXT NOT NULL,

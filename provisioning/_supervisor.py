@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import pki
+from ._est_metrics import MetricsServer
 from .errors import ProvisioningError
 from .est_config import ServerConfig
 from .est_server import log_event, recovery_context, server_context
@@ -30,10 +33,12 @@ RESTART_WINDOW = 60.0
 
 
 class _Workers:
-    def __init__(self, config: ServerConfig, config_path: Path) -> None:
+    def __init__(self, config: ServerConfig, config_path: Path,
+                 metrics_dir: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path.absolute()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.options = ["--metrics-dir", str(metrics_dir)] if metrics_dir else []
 
     def start(self, index: int) -> None:
         """Start worker ``index`` and wait until it listens (or fail with its exit code)."""
@@ -41,7 +46,8 @@ class _Workers:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "provisioning.est_server", "--config",
-                 str(self.config_path), "--worker", str(index), "--ready-fd", str(write_fd)],
+                 str(self.config_path), "--worker", str(index), "--ready-fd", str(write_fd),
+                 *self.options],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
             os.close(write_fd)
             self.procs[index] = proc
@@ -71,7 +77,10 @@ class _Workers:
 
 
 def preflight(config: ServerConfig) -> None:
-    pki.open_authority(config.pki.device_ca, config.passphrase())
+    # Opened to check it (a wrong passphrase, PIN or token fails here, once), then given
+    # back: each worker opens the key in its own process.
+    with pki.open_authority(config.pki.device_ca, config.passphrase()):
+        pass
     server_context(config.pki)
     if config.recovery_port is not None:
         recovery_context(config.pki)
@@ -88,14 +97,26 @@ def supervise(config: ServerConfig, config_path: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    workers = _Workers(config, config_path)
+    metrics: MetricsServer | None = None
+    metrics_dir: Path | None = None
+    if config.metrics_port is not None:
+        # the workers' snapshots, summed at each scrape (_est_metrics.py); this run's only
+        metrics_dir = Path(tempfile.mkdtemp(prefix="est-server-metrics-"))
+        try:
+            metrics = MetricsServer(config.metrics_host, config.metrics_port, metrics_dir,
+                                    config.crl or config.pki.crl).start()
+        except ProvisioningError:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            raise
+    workers = _Workers(config, config_path, metrics_dir)
     restarts: list[float] = []
     status = 0
     try:
         for index in range(config.workers):
             workers.start(index)
         log_event("ready", host=config.host, port=config.port,
-                  recovery_port=config.recovery_port, workers=config.workers,
+                  recovery_port=config.recovery_port, metrics_port=config.metrics_port,
+                  workers=config.workers,
                   pids=[p.pid for p in workers.procs.values()])
         while not stop:
             time.sleep(0.2)
@@ -114,5 +135,9 @@ def supervise(config: ServerConfig, config_path: Path) -> int:
         status = 1
     finally:
         workers.stop()
+        if metrics is not None:
+            metrics.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     log_event("stopped", signal=stop[0] if stop else None)
     return status

@@ -9,7 +9,9 @@ registry and a device's ban follows its state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from device_agent.errors import ConfigError, IdentityError
 from . import pki
 from .errors import PKIError
 from .est_config import parse_duration
+from .fleet_report import fleet_report
 from .registry import open_registry, registrar
 from .revocation import Revocations
 
@@ -53,8 +56,11 @@ def _read_cert(path: str) -> x509.Certificate:
 
 
 def _device_ca(args: argparse.Namespace) -> pki.Authority:
-    """Unlocked before any change, so a wrong passphrase leaves the registry as it was."""
-    return pki.open_authority(_paths(args).device_ca, _passphrase(args))
+    """Unlocked before any change, so a wrong passphrase (or PIN) leaves the registry as it
+    was; a key in a token is given back when the command ends (``main``'s ExitStack)."""
+    authority = pki.open_authority(_paths(args).device_ca, _passphrase(args))
+    resources = getattr(args, "resources", None)
+    return resources.enter_context(authority) if resources is not None else authority
 
 
 def revocations(args: argparse.Namespace) -> Revocations:
@@ -71,7 +77,7 @@ def cmd_init(args: argparse.Namespace) -> str:
     try:
         paths = pki.init_pki(args.directory, passphrase=_passphrase(args),
                              hostnames=args.host or ("localhost", "127.0.0.1"),
-                             crl_lifetime=args.crl_lifetime)
+                             crl_lifetime=args.crl_lifetime, pkcs11=args.pkcs11)
     except FileExistsError as exc:
         raise PKIError(str(exc)) from exc
     service = revocations(args)
@@ -128,6 +134,30 @@ def cmd_state(args: argparse.Namespace) -> str:
     return change(args.device).describe()
 
 
+def cmd_report(args: argparse.Namespace) -> str:
+    now = dt.datetime.now(dt.UTC)
+    since = args.since if isinstance(args.since, dt.datetime) else now - args.since
+    with open_registry(_registry_path(args)) as registry:
+        report = fleet_report(registry, now, args.within, since)
+    if args.json:
+        return json.dumps(report.as_json(), indent=2)
+    return report.describe()
+
+
+def _moment(text: str) -> dt.timedelta | dt.datetime:
+    """A duration back from now (7d, 12h) or an ISO 8601 time (UTC unless it says)."""
+    try:
+        return parse_duration(text, repr(text))
+    except ConfigError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration such as 7d or an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
 def _span(text: str) -> dt.timedelta:
     try:
         return parse_duration(text, repr(text))
@@ -156,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--crl-lifetime", type=_span,
                       help="validity of each CRL (nextUpdate), e.g. 7d (default) or 60s; "
                            "the refresh timer must run well inside it")
+    init.add_argument("--pkcs11", metavar="URI",
+                      help="make the Device CA and Factory CA keys in this PKCS#11 token, "
+                           "e.g. 'pkcs11:token=ca?module-path=/usr/lib/x86_64-linux-gnu/"
+                           "softhsm/libsofthsm2.so&pin-source=file:/etc/device-pki/pin' "
+                           "(each CA directory gets a ca.key.uri naming its key)")
     server = command("issue-server", cmd_issue_server, "issue servers/NAME.pem from the root")
     server.add_argument("name")
     server.add_argument("--host", action="append", required=True, help="repeatable")
@@ -177,6 +212,15 @@ def parser() -> argparse.ArgumentParser:
     register.add_argument("--bootstrap-cert", required=True)
     register.add_argument("--previous-cert", help="the bootstrap cert it replaces")
     command("pending", cmd_pending, "list enrollment requests held for an operator")
+    report = command("report", cmd_report,
+                     "fleet identity health: devices by state, certificates expiring, "
+                     "recoveries, devices never renewed")
+    report.add_argument("--within", type=_span, default=dt.timedelta(days=7),
+                        help="expiry window, e.g. 7d (default) or 12h")
+    report.add_argument("--since", type=_moment, default=dt.timedelta(days=7),
+                        help="count issuances and recoveries from then on: a duration back "
+                             "(default 7d) or an ISO 8601 time")
+    report.add_argument("--json", action="store_true", help="one JSON object, for machines")
     for name, help_text in (("approve", "allowlist a held device"),
                             ("reject", "refuse a held device"),
                             ("suspend", "refuse the device's enrollments and broker sessions "
@@ -195,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        output = args.handler(args)
+        with contextlib.ExitStack() as args.resources:
+            output = args.handler(args)
     except (IdentityError, ValueError) as exc:
         print(f"device-pki {args.command}: {exc}", file=sys.stderr)
         return 1

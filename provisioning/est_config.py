@@ -35,6 +35,10 @@ bootstrap_reenroll = "active"  # or "never": an enrolled device may not use its 
 bootstrap_reenrolls_per_day = 3
 renewals_per_day = 24          # per device, rolling 24 h; beyond it 429 + Retry-After
 key_attestation = "off"        # or "optional", "required": TPM2_Certify evidence in the CSR
+
+[metrics]                      # absent: no metrics listener
+port = 9464                    # Prometheus text format, GET /metrics, plain HTTP
+host = "127.0.0.1"             # the default; the supervisor serves it (_est_metrics.py)
 ```
 
 Relative paths are read from the configuration file's directory.
@@ -123,6 +127,8 @@ class ServerConfig:
     refusal_log_interval: float = 10.0
     policy: Policy = Policy()
     certificate_lifetime: dt.timedelta = dt.timedelta(days=7)
+    metrics_port: int | None = None  # [metrics] port; None: no metrics listener
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         renewals = (renewals_needed(self.certificate_lifetime)
@@ -131,6 +137,9 @@ class ServerConfig:
             "server.port": 0 < self.port < 65536,
             "server.recovery_port (not the port)": self.recovery_port is None
             or (0 < self.recovery_port < 65536 and self.recovery_port != self.port),
+            "metrics.port (not an EST port)": self.metrics_port is None
+            or (0 < self.metrics_port < 65536
+                and self.metrics_port not in (self.port, self.recovery_port)),
             "server.workers": 1 <= self.workers <= 64,
             "server.max_body_bytes": 256 <= self.max_body_bytes <= 1 << 20,
             "server.max_in_flight": self.max_in_flight >= 1,
@@ -202,6 +211,7 @@ def load(path: str | Path) -> ServerConfig:
         return dict(table)
 
     server, pki, policy = section("server"), section("pki"), section("policy")
+    metrics = section("metrics")
     if data:
         raise ConfigError(f"{source}: unknown section [{next(iter(data))}]")
     directory = _take(pki, "pki", "directory", str, None)
@@ -265,8 +275,11 @@ def load(path: str | Path) -> ServerConfig:
                       getattr(defaults, key)) for key in _EDGE_KEYS},
         policy=rules,
         certificate_lifetime=lifetime,
+        metrics_port=_take(metrics, "metrics", "port", int, None),
+        metrics_host=_take(metrics, "metrics", "host", str, defaults.metrics_host),
     )
-    for name, table in (("server", server), ("pki", pki), ("policy", policy)):
+    for name, table in (("server", server), ("pki", pki), ("policy", policy),
+                        ("metrics", metrics)):
         if table:
             raise ConfigError(f"{source}: {name}.{next(iter(table))}: unknown key")
     return config

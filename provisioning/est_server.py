@@ -19,6 +19,9 @@ CA, no device ID), is answered here without reading its body or touching the
 registry, and counted in the worker's refusal log (_est_guard.py) instead of
 the audit table. Only a request a device can be held to reaches the service
 thread, whose every decision is an audit row.
+
+With ``[metrics]`` configured, each worker counts requests, latencies, decisions,
+issuances and refusals, and the supervisor serves their sum (_est_metrics.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from device_agent.errors import IdentityError
 
 from . import est_config, pki
 from ._est_guard import ConnectionLimits, GuardedListener, RefusalLog, fit_descriptor_limit
+from ._est_metrics import WorkerMetrics, middleware
 from .crl_publisher import CRLPublisher
 from .enrollment import Issuer, Operation, Peer
 from .est_config import ServerConfig
@@ -177,8 +181,10 @@ class Endpoints:
     service thread."""
 
     def __init__(self, config: ServerConfig, run: Callable[..., Awaitable[Result]],
-                 ca_chain: bytes, authorities: Authorities, refusals: RefusalLog) -> None:
+                 ca_chain: bytes, authorities: Authorities, refusals: RefusalLog,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.run = run
         self.ca_chain = ca_chain
         self.authorities = authorities
@@ -240,6 +246,8 @@ class Endpoints:
             self.in_flight -= 1
             self.busy_peers.discard(peer)  # type: ignore[arg-type]
         decision = result.decision
+        if self.metrics is not None:
+            self._count(operation, result)
         log_event("enroll", op=operation.value, status=decision.status,
                   decision=decision.outcome.value, device=decision.device_id,
                   reason=decision.reason, peer_serial=result.peer_serial,
@@ -250,6 +258,18 @@ class Endpoints:
             return web.Response(body=encode_certs([result.certificate]), headers={
                 "Content-Type": CERTS_TYPE, "Content-Transfer-Encoding": "base64"})
         return _text(decision.status, decision.reason, decision.retry_after)
+
+    def _count(self, operation: Operation, result: Result) -> None:
+        """A decision (an audit row) in the metrics: its outcome, and what it issued or why
+        it refused (by status: the reasons are free text)."""
+        assert self.metrics is not None
+        decision = result.decision
+        self.metrics.count("est_decisions_total", operation=operation.value,
+                           outcome=decision.outcome.value)
+        if result.certificate is not None and decision.issuance is not None:
+            self.metrics.count("est_issuances_total", kind=decision.issuance.value)
+        elif decision.outcome.value == "refused":
+            self.metrics.refusals[f"policy-{decision.status}"] += 1
 
     async def _enroll(self, request: web.Request, operation: Operation,
                       peer: bytes | None) -> Result:
@@ -292,7 +312,9 @@ class Listener:
 class Worker:
     """One process: the service thread, the listeners, and an orderly stop."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics_path: Path | None = None) -> None:
+        """``metrics_path``: where this worker's metrics snapshot goes (_est_metrics.py);
+        None: no metrics."""
         self.config = config
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="registry")
         self.stack = contextlib.ExitStack()
@@ -302,10 +324,15 @@ class Worker:
         self.refusals = RefusalLog(lambda event, **fields: log_event(event, logging.WARNING,
                                                                      **fields),
                                    config.refusal_log_interval)
+        self.metrics = (WorkerMetrics(metrics_path, self.refusals.totals)
+                        if metrics_path is not None else None)
 
     def _open(self) -> None:
         paths = self.config.pki
-        device_ca = pki.open_authority(paths.device_ca, self.config.passphrase())
+        # A Device CA key in a PKCS#11 token is opened here, in the worker process (sessions
+        # are not fork-safe), kept for the worker's life and closed last on shutdown.
+        device_ca = self.stack.enter_context(
+            pki.open_authority(paths.device_ca, self.config.passphrase()))
         factory_ca = pki.load_certs(paths.factory_ca / "ca.pem")[0]
         registry = self.stack.enter_context(
             open_registry(self.config.registry, synchronous=self.config.registry_sync))
@@ -330,7 +357,7 @@ class Worker:
         assert self.service is not None
         authorities = Authorities(self.service.factory_ca, self.service.device_ca.certificate)
         endpoints = Endpoints(self.config, self.run, encode_certs(chain), authorities,
-                              self.refusals)
+                              self.refusals, self.metrics)
         listeners = [Listener("est", self.config.host, self.config.port, server_context(paths),
                               endpoints.routes())]
         if self.config.recovery_port is not None:
@@ -354,7 +381,9 @@ class Worker:
                 len(listeners), lambda event, **fields: log_event(event, logging.WARNING,
                                                                   **fields))
             for listener in listeners:
-                app = web.Application(client_max_size=config.max_body_bytes)
+                app = web.Application(client_max_size=config.max_body_bytes,
+                                      middlewares=[middleware(self.metrics)]
+                                      if self.metrics is not None else [])
                 app.add_routes(listener.routes)
                 # keepalive_timeout: from the handshake (or the last answer) to a complete
                 # request head; a silent or slow-header connection is closed after it.
@@ -386,6 +415,7 @@ class Worker:
             await loop.run_in_executor(self.executor, self.stack.close)
             self.executor.shutdown(wait=True)
         self.refusals.flush(force=True)
+        self._save_metrics()
         log_event("stopped", refusals=dict(self.refusals.totals))
 
     async def _watch_parent(self) -> None:
@@ -397,10 +427,20 @@ class Worker:
         self.stopping.set()
 
     async def _write_refusals(self) -> None:
-        """Counts a quiet spell left unwritten reach the log within an interval or so."""
+        """Counts a quiet spell left unwritten reach the log within an interval or so; the
+        metrics snapshot is written each second."""
         while True:
             await asyncio.sleep(1.0)
             self.refusals.flush()
+            self._save_metrics()
+
+    def _save_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.save()
+        except OSError as exc:  # metrics must never stop the worker
+            log_event("metrics-not-written", logging.WARNING, error=exc.strerror)
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -408,6 +448,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, type=Path, help="est-server TOML file")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -419,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.worker is None:
             from ._supervisor import supervise
             return supervise(config, args.config)
-        asyncio.run(Worker(config).serve(args.ready_fd))
+        metrics = (args.metrics_dir / f"worker-{args.worker}.json"
+                   if args.metrics_dir is not None else None)
+        asyncio.run(Worker(config, metrics).serve(args.ready_fd))
     except IdentityError as exc:
         log_event("error", logging.ERROR, error=str(exc))
         print(f"est-server: {exc}", file=sys.stderr)

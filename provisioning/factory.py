@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -100,17 +100,53 @@ class BootstrapSigner(Protocol):
                                 public_key: CertificatePublicKeyTypes) -> x509.Certificate: ...
 
 
+@runtime_checkable
+class BootstrapIssuer(Protocol):
+    """A signer that takes the whole request in one step: a remote service, which checks
+    the TPM2_Certify evidence itself and registers the device (factory_remote.py).
+
+    Returns the bootstrap certificate and, when ``attestation`` is given, the AK's.
+    """
+
+    def issue(self, csr: x509.CertificateSigningRequest, device_id: str,
+              attestation: AttestationKey | None,
+              ) -> tuple[x509.Certificate, x509.Certificate | None]: ...
+
+
+@runtime_checkable
+class CredentialChallenger(Protocol):
+    """Who makes the credential an AK must activate beside the EK, when that is not the
+    station (the signing service, which also keeps the secret and checks the answer)."""
+
+    def challenge(self, ek_certificate: bytes, ek_public: bytes,
+                  ak_public: bytes) -> tuple[bytes, bytes]: ...
+
+    def answer(self, ak_public: bytes, secret: bytes) -> None: ...
+
+
 class LocalFactoryCA:
-    """The Factory CA's key in a local PKI directory (passphrase-protected if set)."""
+    """The Factory CA's key in a local PKI directory (passphrase-protected if set), or in
+    the PKCS#11 token its ``ca.key.uri`` names (then :meth:`close` gives the session back)."""
 
     def __init__(self, pki_paths: pki.PKIPaths, passphrase: bytes | None = None) -> None:
         key_path = pki_paths.factory_ca / "ca.key"
-        if not key_path.is_file():
+        if not key_path.is_file() and not (pki_paths.factory_ca / pki.KEY_URI_FILE).is_file():
             raise FactoryError(f"Factory CA key missing: {key_path}")
         try:
             self.authority = pki.read_authority(pki_paths.factory_ca, passphrase)
         except (TypeError, ValueError) as exc:
             raise FactoryError(f"Factory CA key locked or unreadable ({key_path}): {exc}") from exc
+        except pki.PKIError as exc:
+            raise FactoryError(f"Factory CA key unusable: {exc}") from exc
+
+    def close(self) -> None:
+        self.authority.close()
+
+    def __enter__(self) -> LocalFactoryCA:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def sign(self, csr: x509.CertificateSigningRequest, device_id: str) -> x509.Certificate:
         if not csr.is_signature_valid:
@@ -192,14 +228,17 @@ def _summary(device_id: str, tcti: str, out_dir: Path, cert: x509.Certificate) -
                    public.decode(), tcti, {name: str(out_dir / name) for name in names})
 
 
-def attest_tpm(tpm: KeyStore, device_id: str,
-               line: LineSettings) -> tuple[AttestationKeyBlob, AttestationKey]:
+def attest_tpm(tpm: KeyStore, device_id: str, line: LineSettings,
+               challenger: CredentialChallenger | None = None,
+               ) -> tuple[AttestationKeyBlob, AttestationKey]:
     """The TPM is of a maker the line trusts and holds a new AK beside its EK.
 
     EK certificate from NV, its chain to ``line.manufacturer_roots``, the EK it
     names, then TPM2_MakeCredential (here, in software) and
     TPM2_ActivateCredential (in the TPM) of a random secret for the new AK: only
     the TPM holding both gives the secret back. Every refusal is a FactoryError.
+    With a ``challenger`` (the signing service) the credential is made there and the
+    secret the TPM gives back is handed to it, to be checked there.
     """
     if not isinstance(tpm, TPM):
         raise FactoryError("key attestation needs a TPM: the file keystore (simulation) "
@@ -215,7 +254,11 @@ def attest_tpm(tpm: KeyStore, device_id: str,
         ak_public = parse_public(ak.public_area)
         check_attestation_key(ak_public)
         secret = secrets.token_bytes(32)
-        blob, encrypted = make_credential(ek, ak_public.name, secret)
+        if challenger is None:
+            blob, encrypted = make_credential(ek, ak_public.name, secret)
+        else:
+            blob, encrypted = challenger.challenge(endorsement.certificate, ek_public,
+                                                   ak.public_area)
     except (AttestationError, ValueError) as exc:
         raise FactoryError(f"TPM refused for key attestation: {exc}") from exc
     except TPMError as exc:
@@ -225,7 +268,9 @@ def attest_tpm(tpm: KeyStore, device_id: str,
     except TPMError as exc:
         raise FactoryError(f"the attestation key could not be proven to live beside the EK "
                            f"(credential activation failed: {exc})") from exc
-    if not hmac.compare_digest(returned, secret):
+    if challenger is not None:
+        challenger.answer(ak.public_area, returned)
+    elif not hmac.compare_digest(returned, secret):
         raise FactoryError("the attestation key could not be proven to live beside the EK "
                            "(credential activation returned another secret)")
     return ak, AttestationKey(device_id, ak.public_area, ak_public.name,
@@ -260,6 +305,25 @@ def certify_attestation_key(csr: x509.CertificateSigningRequest, attestation: At
     return certificate
 
 
+def issue_bootstrap(signer: BootstrapSigner | BootstrapIssuer,
+                    csr: x509.CertificateSigningRequest, device_id: str,
+                    attestation: AttestationKey | None,
+                    ) -> tuple[x509.Certificate, x509.Certificate | None]:
+    """The bootstrap certificate, and the AK's when the line attests (the AK first: its
+    certification of the bootstrap key is checked before anything is signed)."""
+    if isinstance(signer, BootstrapIssuer):
+        cert, ak_cert = signer.issue(csr, device_id, attestation)
+        if attestation is not None and (
+                ak_cert is None
+                or ak_cert.public_key() != parse_public(attestation.ak_public).public_key):
+            raise FactoryError("the Factory CA did not certify this attestation key")
+        return cert, ak_cert
+    ak_cert = None
+    if attestation is not None:
+        ak_cert = certify_attestation_key(csr, attestation, signer)
+    return signer.sign(csr, device_id), ak_cert
+
+
 def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None:
     """(device ID, bootstrap certificate, TCTI) already in ``out_dir``, if any."""
     marker = out_dir / "identity.json"
@@ -273,8 +337,9 @@ def existing_identity(out_dir: Path) -> tuple[str, x509.Certificate, str] | None
         raise FactoryError(f"{out_dir} holds an unreadable identity: {exc}") from exc
 
 
-def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
-              line: LineSettings, register: Registrar, *, force: bool = False) -> Summary:
+def provision(device_id: str, tcti: str, out_dir: Path,
+              signer: BootstrapSigner | BootstrapIssuer, line: LineSettings,
+              register: Registrar, *, force: bool = False) -> Summary:
     """Provision one device; idempotent unless ``force``."""
     try:
         validate_device_id(device_id)
@@ -299,16 +364,16 @@ def provision(device_id: str, tcti: str, out_dir: Path, signer: BootstrapSigner,
     registered: AttestationKey | None = None
     with open_keystore(tcti) as tpm:
         if line.attests:
-            ak, registered = attest_tpm(tpm, device_id, line)
+            challenger = signer if isinstance(signer, CredentialChallenger) else None
+            ak, registered = attest_tpm(tpm, device_id, line, challenger)
         blob = tpm.create_key()
         csr = bootstrap_csr(tpm, blob, device_id, ak)
     ak_files: list[tuple[str, bytes, int]] = []
-    if ak is not None and registered is not None:
-        ak_cert = certify_attestation_key(csr, registered, signer)
+    cert, ak_cert = issue_bootstrap(signer, csr, device_id, registered)
+    if ak is not None and registered is not None and ak_cert is not None:
         registered = dataclasses.replace(registered, certificate=ak_cert)
         # the AK is TPM-wrapped like bootstrap.tss; its certificate is for the agent's group
         ak_files = [(AK_FILE, ak.pem, 0o640), (AK_CERT_FILE, pki.cert_pem(ak_cert), 0o640)]
-    cert = signer.sign(csr, device_id)
     if cert.public_key() != blob.public_key():
         raise FactoryError("the Factory CA certified a different key")
 

@@ -14,6 +14,15 @@ new attestation key beside its EK, and that key must certify the bootstrap key,
 before anything is written; the Factory CA then certifies the attestation key too
 (attestation.pem; key attestation, see provisioning/factory.py). A TPM that does
 not pass is refused like any failure.
+
+On a real line (issue 17) the Factory CA's key stays on the line server: with
+--service https://HOST:PORT, --station-cert, --station-key and --service-trust
+(what ``factory-ca station add`` wrote) instead of --pki and --registry, the CSR the
+TPM signed goes to ``factory-ca serve``, which verifies it, signs and registers the
+device; --trust-anchor names the trust.pem to write (the operator root). --force is
+sent on to the service (replacing another station's device). A refusal, or a
+station killed at any step, leaves no files; a re-run completes the device. The
+command exits 3 when the service refused (a batch row carries its HTTP "status").
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ from cryptography import x509
 from device_agent.errors import IdentityError
 
 from . import pki
-from .factory import LineSettings, LocalFactoryCA, provision
-from .registry import registrar
+from .factory import BootstrapIssuer, LineSettings, LocalFactoryCA, provision
+from .factory_remote import RemoteFactoryCA, RemoteRefused, no_registrar, station_context
+from .registry import Registrar, registrar
 
 SERVICE_GROUP = "device-agent"  # created by the device-agent package (sysusers.d)
 NO_GROUP_NOTE = (f"device-provision: note: no group {SERVICE_GROUP!r} here (the device-agent "
@@ -68,7 +78,8 @@ def _line(args: argparse.Namespace) -> LineSettings:
         raise IdentityError(f"--broker must be HOST:PORT, got {args.broker!r}")
     return LineSettings(
         est_url=args.est_url, broker_host=host, broker_port=int(port),
-        server_trust=pki.PKIPaths(args.pki).server_trust, state_dir=args.state_dir,
+        server_trust=args.trust_anchor or pki.PKIPaths(args.pki).server_trust,
+        state_dir=args.state_dir,
         installed_dir=args.installed_dir, api_socket=args.api_socket,
         service_group=_service_group(args.group), recovery_url=args.recovery_url,
         manufacturer_roots=_certificates(args.manufacturer_roots, "--manufacturer-roots"),
@@ -77,7 +88,26 @@ def _line(args: argparse.Namespace) -> LineSettings:
     )
 
 
-def _signer(args: argparse.Namespace) -> LocalFactoryCA:
+def _mode(args: argparse.Namespace) -> None:
+    """Local (--pki, --registry) or remote (--service and the station's files), not both."""
+    remote = ("--station-cert", "--station-key", "--service-trust", "--trust-anchor")
+    if args.service:
+        if args.pki or args.registry:
+            raise IdentityError("--service replaces --pki and --registry: give one or the other")
+        missing = [name for name in remote
+                   if getattr(args, name[2:].replace("-", "_")) is None]
+        if missing:
+            raise IdentityError(f"--service needs {', '.join(missing)}")
+    elif not (args.pki and args.registry):
+        raise IdentityError("give --pki and --registry (local Factory CA), or --service with "
+                            "the station's credentials")
+
+
+def _signer(args: argparse.Namespace) -> LocalFactoryCA | BootstrapIssuer:
+    if args.service:
+        context = station_context(args.station_cert, args.station_key, args.service_trust)
+        return RemoteFactoryCA(args.service, context, force=args.force,
+                               attempts=args.service_attempts)
     passphrase = None
     if args.passphrase_file:
         try:
@@ -87,9 +117,13 @@ def _signer(args: argparse.Namespace) -> LocalFactoryCA:
     return LocalFactoryCA(pki.PKIPaths(args.pki), passphrase)
 
 
+def _registrar(args: argparse.Namespace) -> Registrar:
+    return no_registrar if args.service else registrar(args.registry)
+
+
 def _batch(args: argparse.Namespace) -> int:
     """Rows of device_id,tcti,out_dir[,recovery_url]; a header row is optional."""
-    line, signer, register = _line(args), _signer(args), registrar(args.registry)
+    line, signer, register = _line(args), _signer(args), _registrar(args)
     failed = done = 0
     with open(args.batch, newline="", encoding="utf-8") as rows:
         for number, row in enumerate(csv.reader(rows), start=1):
@@ -110,8 +144,9 @@ def _batch(args: argparse.Namespace) -> int:
                                     force=args.force)
             except (IdentityError, OSError) as exc:  # one device must not stop the line
                 failed += 1
+                status = exc.status if isinstance(exc, RemoteRefused) else None
                 print(json.dumps({"row": number, "device_id": device_id, "ok": False,
-                                  "error": str(exc)}), flush=True)
+                                  "error": str(exc), "status": status}), flush=True)
                 continue
             done += 1
             print(json.dumps({"row": number, "device_id": device_id, "ok": True,
@@ -127,7 +162,7 @@ def _single(args: argparse.Namespace) -> int:
         raise IdentityError("give --device-id, --tcti and --out, or --batch CSV")
     line = _line(args)
     summary = provision(args.device_id, args.tcti, Path(args.out), _signer(args), line,
-                        registrar(args.registry), force=args.force)
+                        _registrar(args), force=args.force)
     print(summary.to_json())
     if line.service_group is None:
         print(NO_GROUP_NOTE, file=sys.stderr)
@@ -136,8 +171,21 @@ def _single(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="device-provision", description=__doc__)
-    parser.add_argument("--pki", type=Path, required=True, help="PKI directory (device-pki init)")
-    parser.add_argument("--registry", type=Path, required=True, help="registry database")
+    parser.add_argument("--pki", type=Path, help="PKI directory (device-pki init): the local "
+                        "Factory CA")
+    parser.add_argument("--registry", type=Path, help="registry database (local mode)")
+    parser.add_argument("--service", metavar="URL",
+                        help="https://HOST:PORT of factory-ca serve, instead of --pki/--registry")
+    parser.add_argument("--station-cert", type=Path, help="this station's certificate (PEM)")
+    parser.add_argument("--station-key", type=Path, help="this station's key (PEM)")
+    parser.add_argument("--service-trust", type=Path,
+                        help="the Station CA the service's certificate chains to (PEM)")
+    parser.add_argument("--service-attempts", type=int, default=3,
+                        help="tries per device when the service does not answer, or answers "
+                        "429 or 503 (default: %(default)s)")
+    parser.add_argument("--trust-anchor", type=Path,
+                        help="the trust.pem written for the agent (the operator root; "
+                        "default with --pki: its root/ca.pem)")
     parser.add_argument("--passphrase-file", help="passphrase of the Factory CA key")
     parser.add_argument("--est-url", required=True, help="https://host:port of the EST server")
     parser.add_argument("--recovery-url",
@@ -171,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TSS2_LOG", "all+none")
     try:
+        _mode(args)
         return _batch(args) if args.batch else _single(args)
+    except RemoteRefused as exc:
+        print(f"device-provision: {exc}", file=sys.stderr)
+        return 3
     except (IdentityError, OSError) as exc:
         print(f"device-provision: {exc}", file=sys.stderr)
         return 2

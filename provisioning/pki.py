@@ -12,10 +12,16 @@ Two trust domains, as in IEEE 802.1AR:
 Server-side keys are Ed25519 on purpose: tpm2-openssl implements ECDSA and RSA
 verification but not Ed25519, so a device verifying the server's chain does it on
 its CPU and the TPM signs only the CertificateVerify (see device_agent/tls.py).
+
+A CA key is a file (``ca.key``, the embedded default) or an object in a PKCS#11 token
+(hsm.py): then ``ca.key.uri`` beside ``ca.pem`` names it, so every consumer (est-server,
+device-pki, the factory, broker-config) finds it as it finds a file, without a flag.
+Whatever the key, nothing signed leaves an :class:`Authority` unverified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import time
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -37,6 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from device_agent._files import exclusive_lock, write_private
 from device_agent.identity import device_uri, validate_device_id
 
+from . import hsm
 from .errors import PKIError
 
 # tcg-kp-AIKCertificate (TCG): the extended key usage of an attestation key certificate, as
@@ -61,7 +69,11 @@ def _now() -> dt.datetime:
 
 @dataclass(frozen=True)
 class Authority:
-    """A CA certificate with its key; ``chain`` holds its issuers up to the root."""
+    """A CA certificate with its key; ``chain`` holds its issuers up to the root.
+
+    The key is a file's or a token's (:class:`hsm.TokenECKey`); used as a context
+    manager, the Authority gives back its token session on exit (a no-op for a file).
+    """
 
     certificate: x509.Certificate
     key: CertificateIssuerPrivateKeyTypes
@@ -96,8 +108,24 @@ class Authority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         )
 
+    def __enter__(self) -> Authority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if isinstance(self.key, hsm.TokenECKey):
+            self.key.close()
+
     def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return builder.sign(self.key, _signing_hash(self.key))
+        certificate = builder.sign(self.key, _signing_hash(self.key))
+        try:
+            certificate.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise PKIError(f"{self.name.rfc4514_string()}: a certificate it signed does not "
+                           "verify against its CA certificate; nothing was issued") from exc
+        return certificate
 
     def issue_ca(
         self, common_name: str, key: CertificateIssuerPrivateKeyTypes, lifetime: dt.timedelta
@@ -208,11 +236,12 @@ def check_public_key(public_key: object) -> None:
         raise ValueError(f"key type {type(public_key).__name__} is not accepted")
 
 
-def new_root(common_name: str, lifetime: dt.timedelta, *, ecdsa: bool = False) -> Authority:
-    """A self-signed root; Ed25519 unless ``ecdsa`` asks for P-256."""
-    key: CertificateIssuerPrivateKeyTypes = (
-        ec.generate_private_key(ec.SECP256R1()) if ecdsa else ed25519.Ed25519PrivateKey.generate()
-    )
+def new_root(common_name: str, lifetime: dt.timedelta, *, ecdsa: bool = False,
+             key: CertificateIssuerPrivateKeyTypes | None = None) -> Authority:
+    """A self-signed root; Ed25519 unless ``ecdsa`` asks for P-256 (or ``key`` is given)."""
+    if key is None:
+        key = (ec.generate_private_key(ec.SECP256R1()) if ecdsa
+               else ed25519.Ed25519PrivateKey.generate())
     name = _name(common_name)
     start = _now() - dt.timedelta(seconds=60)
     builder = (
@@ -227,7 +256,12 @@ def new_root(common_name: str, lifetime: dt.timedelta, *, ecdsa: bool = False) -
         .add_extension(_CA_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    return Authority(builder.sign(key, _signing_hash(key)), key)
+    certificate = builder.sign(key, _signing_hash(key))
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except InvalidSignature as exc:
+        raise PKIError(f"the self-signed {common_name} certificate does not verify") from exc
+    return Authority(certificate, key)
 
 
 # --- PEM files -------------------------------------------------------------------------
@@ -252,15 +286,32 @@ def load_certs(path: str | Path) -> list[x509.Certificate]:
 
 
 def write_authority(directory: Path, authority: Authority, passphrase: bytes | None = None) -> None:
-    """``ca.pem`` (the CA alone), ``chain.pem`` (CA then issuers), ``ca.key`` (0600)."""
+    """``ca.pem`` (the CA alone), ``chain.pem`` (CA then issuers), ``ca.key`` (0600), or for
+    a key in a token ``ca.key.uri`` (0600: the URI may carry a pin-value)."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_private(directory / "ca.key", key_pem(authority.key, passphrase))
+    if isinstance(authority.key, hsm.TokenECKey):
+        write_private(directory / KEY_URI_FILE, (authority.key.uri.full() + "\n").encode())
+    else:
+        write_private(directory / "ca.key", key_pem(authority.key, passphrase))
     write_private(directory / "ca.pem", cert_pem(authority.certificate), 0o644)
     write_private(directory / "chain.pem", cert_pem(authority.certificate, *authority.chain), 0o644)
 
 
+KEY_URI_FILE = "ca.key.uri"
+
+
 def read_authority(directory: Path, passphrase: bytes | None = None) -> Authority:
+    """The CA in ``directory``; its key from ``ca.key``, or from the token ``ca.key.uri``
+    names (then ``passphrase`` is not used, and close the Authority when done)."""
     certs = load_certs(directory / "chain.pem")
+    if (directory / KEY_URI_FILE).exists():
+        if (directory / "ca.key").exists():
+            raise PKIError(f"{directory} holds both ca.key and {KEY_URI_FILE}: keep one")
+        public = certs[0].public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise PKIError(f"{directory}: a CA key in a token must be EC (P-256 or P-384)")
+        uri = (directory / KEY_URI_FILE).read_text()
+        return Authority(certs[0], hsm.open_key(uri, public), tuple(certs[1:]))
     key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), passphrase)
     ca_key_types = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     if not isinstance(key, ca_key_types):
@@ -289,6 +340,7 @@ def new_server_key() -> ed25519.Ed25519PrivateKey:
 
 ROOT_LIFETIME = dt.timedelta(days=20 * 365)
 CA_LIFETIME = dt.timedelta(days=10 * 365)
+TOKEN_LABELS = ("device-ca", "factory-ca")  # the CA keys init_pki makes in a token
 SERVER_LIFETIME = dt.timedelta(days=397)
 
 
@@ -364,19 +416,35 @@ def init_pki(
     passphrase: bytes | None = None,
     hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
     crl_lifetime: dt.timedelta | None = None,
+    pkcs11: str | None = None,
 ) -> PKIPaths:
     """Create the root, the Device CA, the Factory CA and the EST and broker certificates;
-    ``crl_lifetime`` (default :data:`CRL_LIFETIME`) is kept for every later CRL."""
+    ``crl_lifetime`` (default :data:`CRL_LIFETIME`) is kept for every later CRL.
+
+    ``pkcs11``, a PKCS#11 URI naming a token (and its module and PIN), makes the Device
+    CA's and the Factory CA's keys in that token (labels :data:`TOKEN_LABELS`, never
+    extractable); the root and server keys stay files."""
     paths = PKIPaths(Path(directory))
     if (paths.root / "ca.key").exists():
         raise FileExistsError(f"{paths.root} already holds a CA")
     if crl_lifetime is not None:
         check_crl_lifetime(crl_lifetime)
-    root = new_root("Device Identity Root CA", ROOT_LIFETIME)
-    write_authority(paths.root, root, passphrase)
-    device_ca = root.issue_ca("Device CA", ec.generate_private_key(ec.SECP256R1()), CA_LIFETIME)
-    write_authority(paths.device_ca, device_ca, passphrase)
-    write_authority(paths.factory_ca, new_root("Factory CA", ROOT_LIFETIME, ecdsa=True), passphrase)
+    with contextlib.ExitStack() as keys:
+        device_key: CertificateIssuerPrivateKeyTypes
+        factory_key: CertificateIssuerPrivateKeyTypes
+        if pkcs11 is None:
+            device_key, factory_key = (ec.generate_private_key(ec.SECP256R1()),
+                                       ec.generate_private_key(ec.SECP256R1()))
+        else:  # made in the token before any file is written: a refusal writes nothing
+            device_key, factory_key = hsm.generate_keys(pkcs11, TOKEN_LABELS)
+            keys.callback(factory_key.close)
+            keys.callback(device_key.close)
+        root = new_root("Device Identity Root CA", ROOT_LIFETIME)
+        write_authority(paths.root, root, passphrase)
+        device_ca = root.issue_ca("Device CA", device_key, CA_LIFETIME)
+        write_authority(paths.device_ca, device_ca, passphrase)
+        write_authority(paths.factory_ca, new_root("Factory CA", ROOT_LIFETIME, key=factory_key),
+                        passphrase)
     for name in ("est", "broker"):
         issue_server_files(paths, name, hostnames, passphrase)
     if crl_lifetime is not None:
@@ -509,7 +577,13 @@ def build_crl(
         if entry.reason is not x509.ReasonFlags.unspecified:  # RFC 5280: omit, not "unspecified"
             revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
-    return builder.sign(authority.key, _signing_hash(authority.key))
+    crl = builder.sign(authority.key, _signing_hash(authority.key))
+    issuer_key = authority.certificate.public_key()
+    if not isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+                      | rsa.RSAPublicKey) or not crl.is_signature_valid(issuer_key):
+        raise PKIError(f"{authority.name.rfc4514_string()}: the CRL it signed does not verify "
+                       "against its CA certificate; nothing was published")
+    return crl
 
 
 def publish_crl(

@@ -113,6 +113,22 @@ class AttestationKey:
 
 
 @dataclass(frozen=True)
+class FactoryEnrollment:
+    """The bootstrap certificate the factory signing service issued a device (schema 5),
+    and the station that asked for it."""
+
+    device_id: str
+    station: str
+    station_serial: str
+    certificate: x509.Certificate
+    at: str = ""
+
+    @property
+    def public_key_sha256(self) -> str:
+        return public_key_fingerprint(self.certificate.public_key())
+
+
+@dataclass(frozen=True)
 class Issuance:
     device_id: str
     kind: IssuanceKind
@@ -247,13 +263,15 @@ class Registry:
 
     def register_device(self, device_id: str, bootstrap: x509.Certificate,
                         previous: x509.Certificate | None = None, *,
-                        attested: bool = False) -> Device:
+                        attested: bool = False, replace: bool = False) -> Device:
         """Allowlist ``device_id`` with its bootstrap certificate (the factory's registrar);
         ``attested``: the factory verified its key's TPM2_Certify by the device's AK.
 
         Registering the same certificate again changes nothing. Replacing a
         device's bootstrap certificate needs the one on record as ``previous``,
-        so a typo on the factory line cannot take over another device's name.
+        so a typo on the factory line cannot take over another device's name;
+        ``replace`` is a caller's decision to replace whatever is on record (the
+        factory signing service's ``force``, which it audits).
         """
         try:
             validate_device_id(device_id)
@@ -277,8 +295,9 @@ class Registry:
                 action = "allowlisted"
             elif known.state is DeviceState.DECOMMISSIONED:
                 raise RegistryError(f"device {device_id} is decommissioned")
-            elif (previous is None
-                  or certificate_fingerprint(previous) != known.bootstrap_fingerprint):
+            elif not replace and (
+                    previous is None
+                    or certificate_fingerprint(previous) != known.bootstrap_fingerprint):
                 raise RegistryError(f"device {device_id} is registered with another bootstrap "
                                     "certificate; give that one as the previous to replace it")
             else:
@@ -494,6 +513,30 @@ class Registry:
         certificate = x509.load_pem_x509_certificate(row[4].encode()) if row[4] else None
         return AttestationKey(row[0], bytes(row[1]), bytes.fromhex(row[2]), row[3], certificate,
                               row[5])
+
+    # --- the factory signing service (schema 5) --------------------------------------------
+
+    def factory_enrollment(self, device_id: str) -> FactoryEnrollment | None:
+        rows = self._query("SELECT device_id, station, station_serial, certificate, at"
+                           " FROM factory_enrollments WHERE device_id = ?", (device_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return FactoryEnrollment(row[0], row[1], row[2],
+                                 x509.load_pem_x509_certificate(row[3].encode()), row[4])
+
+    def record_factory_enrollment(self, enrollment: FactoryEnrollment) -> None:
+        """Record (or replace) which station the device's bootstrap certificate went to;
+        inside the caller's transaction, beside :meth:`register_device`."""
+        self._query("INSERT INTO factory_enrollments (device_id, station, station_serial,"
+                    " certificate, public_key_sha256, at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (device_id) DO UPDATE SET station = excluded.station,"
+                    " station_serial = excluded.station_serial,"
+                    " certificate = excluded.certificate,"
+                    " public_key_sha256 = excluded.public_key_sha256, at = excluded.at",
+                    (enrollment.device_id, enrollment.station, enrollment.station_serial,
+                     pki.cert_pem(enrollment.certificate).decode(),
+                     enrollment.public_key_sha256, enrollment.at or timestamp()))
 
     # --- requests held for an operator (RFC 7030 4.2.3) ----------------------------------
 

@@ -41,6 +41,7 @@ class ESTServer:
     recovery_port: int | None = None
     config: Path | None = None
     crl: Path | None = None  # where it publishes the CRL after supersedes
+    metrics_port: int | None = None  # [metrics] port, when started with metrics=True
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -56,7 +57,7 @@ class ESTServer:
             raise RuntimeError("no configuration to start est-server from")
         offset = self.log.stat().st_size
         self.process = _launch(self.config, self.log)
-        _wait_ready(self.process, self.log, offset, timeout)
+        wait_ready(self.process, self.log, offset, timeout)
 
     @property
     def url(self) -> str:
@@ -84,7 +85,7 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
                  recovery_port: int | None = None, *,
                  server_table: Mapping[str, object] | None = None,
                  registry: Path | None = None, crl: Path | None = None,
-                 **policy: object) -> Path:
+                 metrics_port: int | None = None, **policy: object) -> Path:
     """est.toml for a test server; ``policy`` becomes the [policy] table as given,
     ``server_table`` adds to (or overrides) the [server] table; the registry is
     ``directory/registry.sqlite3`` unless ``registry`` names one, and the CRL it
@@ -102,6 +103,8 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
     for key, value in policy.items():
         lines.append(f"{key} = {value!r}".replace("'", '"').replace("True", "true")
                      .replace("False", "false"))
+    if metrics_port is not None:
+        lines += ["[metrics]", f"port = {metrics_port}"]
     config = directory / "est.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
@@ -111,22 +114,25 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
 def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool = False,
                        server_table: Mapping[str, object] | None = None,
                        registry: Path | None = None, crl: Path | None = None,
-                       **policy: object) -> Iterator[ESTServer]:
+                       metrics: bool = False, **policy: object) -> Iterator[ESTServer]:
     """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill.
 
     ``recovery=True`` also opens the recovery listener on a second free port
-    (``ESTServer.recovery_port``, ``recovery_url``); ``server_table`` sets [server] keys.
+    (``ESTServer.recovery_port``, ``recovery_url``); ``server_table`` sets [server] keys;
+    ``metrics=True`` serves metrics on a third (``ESTServer.metrics_port``).
     """
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     recovery_port = free_port() if recovery else None
+    metrics_port = free_port() if metrics else None
     config = write_config(directory, paths, port, recovery_port, server_table=server_table,
-                          registry=registry, crl=crl, **policy)
+                          registry=registry, crl=crl, metrics_port=metrics_port, **policy)
     log = directory / "est-server.log"
     server = ESTServer(port, paths, registry or directory / "registry.sqlite3", log,
-                       _launch(config, log), recovery_port, config, crl or directory / "crl.pem")
+                       _launch(config, log), recovery_port, config, crl or directory / "crl.pem",
+                       metrics_port)
     try:
-        _wait_ready(server.process, log, 0)
+        wait_ready(server.process, log, 0)
         yield server
     finally:
         server.stop()
@@ -139,9 +145,10 @@ def _launch(config: Path, log: Path) -> subprocess.Popen[bytes]:
                                 start_new_session=True)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], log: Path, offset: int,
-                timeout: float = 30.0) -> None:
-    """Until the log holds a "ready" line past ``offset``; an error if it exits first."""
+def wait_ready(process: subprocess.Popen[bytes], log: Path, offset: int = 0,
+               timeout: float = 30.0, name: str = "est-server") -> None:
+    """Until the log holds a "ready" line past ``offset``; an error if it exits first
+    (also the factory signing service's wait: it logs the same line)."""
     deadline = time.monotonic() + timeout
     while True:
         with open(log, "rb") as text:
@@ -149,16 +156,17 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, offset: int,
             if b'"event":"ready"' in text.read():
                 return
         if process.poll() is not None:
-            raise RuntimeError(f"est-server exited with {process.returncode}:\n"
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n"
                                f"{log.read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"est-server not ready after {timeout:.0f}s:\n"
+            raise RuntimeError(f"{name} not ready after {timeout:.0f}s:\n"
                                f"{log.read_text()[-2000:]}")
         time.sleep(0.05)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM the supervisor, kill its whole group if it lingers; always reaped."""
+    """SIGTERM the process (started in a session of its own), kill its whole group if it
+    lingers; always reaped."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

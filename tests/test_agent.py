@@ -7,6 +7,8 @@ and renewal over EST are in test_agent_enrollment.py.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import signal
 import socket
 import subprocess
@@ -244,6 +246,42 @@ def test_status_command_prints_identity_expiry_connection_and_outbox(
     assert result.returncode == 0, result.stderr
     for expected in (agent.device_id, "operational", "expires", "connected", "outbox"):
         assert expected in result.stdout
+
+
+def test_status_json_and_the_metrics_textfile_carry_the_health_fields(
+    operational_device: AgentProcess, tmp_path: Path,
+) -> None:
+    path = operational_device.config_path
+    config = AgentConfig.load(path)
+    prom = tmp_path / "textfile_collector" / "device_agent.prom"
+    prom.parent.mkdir()
+    path.write_text(render_toml(dataclasses.replace(
+        config, metrics=dataclasses.replace(config.metrics, textfile=prom, interval=1.0))))
+    with operational_device as agent:
+        agent.wait_for(connected, 20, "broker connection")
+        deadline = time.monotonic() + 10
+        while "device_agent_connected 1" not in (prom.read_text() if prom.exists() else ""):
+            assert time.monotonic() < deadline, "no textfile saying connected"
+            time.sleep(0.2)
+        result = subprocess.run(
+            [sys.executable, "-m", "device_agent.cli", "--config", str(path), "status",
+             "--json"], capture_output=True, text=True, timeout=20, check=False)
+        text = prom.read_text()
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    not_after = dt.datetime.fromisoformat(status["cert_not_after"])
+    expected = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+    assert 0 < status["cert_expires_in_s"] and abs(status["cert_expires_in_s"] - expected) < 30
+    assert status["tpm_errors"] == 0
+    assert status["connects"] == 1 and status["reconnects"] == 0
+    assert status["last_renewal"] is None  # seeded credential: no job has run
+    assert isinstance(status["outbox_depth"], int)
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line.startswith("device_agent_") and "{" not in line)
+    assert abs(float(values["device_agent_certificate_expiry_seconds"]) - expected) < 30
+    assert values["device_agent_tpm_errors_total"] == "0"
+    assert values["device_agent_reconnects_total"] == "0"
+    assert int(values["device_agent_outbox_depth"]) >= 0
 
 
 def test_agent_config_written_by_the_tests_loads(operational_device: AgentProcess) -> None:

@@ -83,6 +83,10 @@ def test_est_refusal_is_reported_and_retried_with_backoff(
         with enrollment_server.registry() as registry:
             attempts = [e for e in registry.audit_log("refused-1") if e.decision == "refused"]
     assert status["generation"] is None and "suspended" in status["why"]
+    assert status["last_renewal"]["work"] == "enroll"  # the health keys (issue 18)
+    assert status["last_renewal"]["outcome"] == "refused"
+    assert status["last_renewal"]["detail"].startswith("403")
+    assert status["credential_jobs"].get("enroll:refused", 0) >= 1
     assert 1 <= len(attempts) <= 6  # backoff, not one attempt per loop turn
     credentials = device.config.paths.state_dir / "credentials"
     assert not credentials.exists() or not any(p.name.startswith("gen-")
@@ -157,4 +161,8 @@ def test_the_daemon_never_loads_the_tpm_binding_or_cryptography(
                           if line.startswith("VmRSS:")))
     assert status["key_sha256"] and status["cert_serial"]
     assert loaded == set(), f"the daemon loaded {loaded}"
+    assert status["last_renewal"]["work"] == "renew"  # the health keys (issue 18)
+    assert status["last_renewal"]["outcome"] == "issued"
+    assert status["connects"] >= 2 and status["reconnects"] == status["connects"] - 1
+    assert status["tpm_errors"] == 0
     print(f"\ndaemon RSS after enrollment and a renewal: {rss_kb / 1024:.1f} MB")

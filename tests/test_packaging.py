@@ -80,6 +80,7 @@ def test_the_core_dependencies_are_what_the_device_agent_imports(wheel: Path) ->
     assert set(extras) == {"server", "broker", "simulator", "test"}
     by_extra = {r.name: str(r.marker) for r in requirements if r.marker}
     assert by_extra["aiohttp"] == 'extra == "server"'
+    assert by_extra["python-pkcs11"] == 'extra == "server"'  # CA keys in a token
     assert by_extra["matplotlib"] == 'extra == "simulator"'
 
 
