@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _est_process import WORKERS, running_est  # noqa: E402
+
 from device_agent._files import write_private  # noqa: E402
 from provisioning import pki  # noqa: E402
 from provisioning.est_server import server_context  # noqa: E402
 from provisioning.registry import open_registry  # noqa: E402
-
-WORKERS = 2
 
 
 def free_port() -> int:
@@ -183,28 +182,6 @@ def prepare(directory: Path, clients: int, pkcs11: str | None = None,
     return paths, identities
 
 
-def start_est(directory: Path, paths: pki.PKIPaths, port: int,
-              sync: str) -> subprocess.Popen[bytes]:
-    config = directory / f"est-{sync}.toml"
-    config.write_text(f'[server]\nport = {port}\nworkers = {WORKERS}\nmax_in_flight = 256\n'
-                      f'[pki]\ndirectory = "{paths.base}"\nregistry_sync = "{sync}"\n'
-                      '[policy]\ncertificate_lifetime = "1d"\n'
-                      # the same devices enroll again and again: lift the daily budget
-                      'bootstrap_reenrolls_per_day = 1000000000\n')
-    log = directory / f"est-{sync}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "est-server"), "--config",
-                                 str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + 30
-    while b'"event":"ready"' not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"est-server did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return proc
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -231,17 +208,9 @@ def main() -> int:
         enrollments = {}
         for sync in ("full", "normal"):
             est_port = free_port()
-            server = start_est(directory, paths, est_port, sync)
-            try:
+            with running_est(directory, paths, est_port, sync):
                 enrollments[sync] = {c: measure("enroll", paths, est_port, identities, c,
                                                 args.seconds) for c in args.clients}
-            finally:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    server.wait()
         signing = signing_rate(pki.read_authority(paths.device_ca), args.seconds)
         with open_registry(paths.registry) as registry:
             recorded = registry.count_certificates()

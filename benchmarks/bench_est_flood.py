@@ -18,10 +18,8 @@ import math
 import multiprocessing
 import multiprocessing.synchronize
 import os
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_est import free_port, prepare, start_est  # noqa: E402
+from _est_process import running_est  # noqa: E402
+from bench_est import free_port, prepare  # noqa: E402
 
 from device_agent._files import write_private  # noqa: E402
 from provisioning import pki  # noqa: E402
@@ -147,8 +146,7 @@ def main() -> int:
         paths, identities = prepare(directory, 2 * args.devices)
         forged = forged_identity(directory)
         port = free_port()
-        server = start_est(directory, paths, port, "full")
-        try:
+        with running_est(directory, paths, port, "full"):
             before = certificates(paths)
             alone = enrollments(paths, port, identities[:args.devices])
             between = certificates(paths)
@@ -174,13 +172,6 @@ def main() -> int:
             for proc in flood:
                 proc.join(30)
             after = certificates(paths)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
 
     figures = {}
     print(f"machine: {os.cpu_count()} CPUs; EST workers: 2; {args.devices} first enrollments "

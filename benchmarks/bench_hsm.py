@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_est import WORKERS, free_port, measure, prepare, signing_rate, start_est  # noqa: E402
+from _est_process import WORKERS, running_est  # noqa: E402
+from bench_est import free_port, measure, prepare, signing_rate  # noqa: E402
 
 from provisioning import pki  # noqa: E402
 from simulator.processes import require, require_library  # noqa: E402
@@ -49,16 +49,8 @@ def softhsm_token(directory: Path) -> str:
 def run_est(directory: Path, paths: pki.PKIPaths, identities: list[tuple[Path, Path, bytes]],
             clients: list[int], seconds: float, sync: str) -> dict[int, tuple[float, int]]:
     port = free_port()
-    server = start_est(directory, paths, port, sync)
-    try:
+    with running_est(directory, paths, port, sync):
         return {c: measure("enroll", paths, port, identities, c, seconds) for c in clients}
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import write_private
+from ._prometheus import exposition, sample
 
 # (type, help) per metric, in the order they are written
 _METRICS = {
@@ -100,16 +101,6 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _sample(name: str, value: float, **labels: object) -> str:
-    text = ",".join(f'{key}="{_escape(v)}"' for key, v in sorted(labels.items()))
-    number = str(int(value)) if float(value).is_integer() else repr(float(value))
-    return f"{name}{{{text}}} {number}" if text else f"{name} {number}"
-
-
 def textfile(status: dict[str, Any]) -> str:
     """The Prometheus text for ``status`` (the agent's :meth:`status` with health keys).
 
@@ -118,9 +109,9 @@ def textfile(status: dict[str, Any]) -> str:
     """
     samples: dict[str, list[str]] = {name: [] for name in _METRICS}
     device = status.get("device_id") or ""
-    samples["device_agent_info"].append(_sample(
-        "device_agent_info", 1, device_id=device, state=status.get("state") or "",
-        keystore=status.get("keystore") or ""))
+    samples["device_agent_info"].append(sample(
+        "device_agent_info", 1, {"device_id": device, "state": status.get("state") or "",
+                                 "keystore": status.get("keystore") or ""}.items()))
     plain = {
         "device_agent_status_timestamp_seconds": status.get("updated", time.time()),
         "device_agent_certificate_expiry_seconds": status.get("cert_expires_in_s"),
@@ -135,23 +126,19 @@ def textfile(status: dict[str, Any]) -> str:
     for name, value in plain.items():
         if isinstance(value, int | float) and not isinstance(value, bool) \
                 and math.isfinite(value):
-            samples[name].append(_sample(name, value))
+            samples[name].append(sample(name, value))
     for key, count in (status.get("credential_jobs") or {}).items():
         work, _, outcome = key.partition(":")
-        samples["device_agent_credential_jobs_total"].append(_sample(
-            "device_agent_credential_jobs_total", count, work=work, outcome=outcome))
+        samples["device_agent_credential_jobs_total"].append(sample(
+            "device_agent_credential_jobs_total", count,
+            {"work": work, "outcome": outcome}.items()))
     last = status.get("last_renewal")
     if last:
-        samples["device_agent_last_renewal_timestamp_seconds"].append(_sample(
+        samples["device_agent_last_renewal_timestamp_seconds"].append(sample(
             "device_agent_last_renewal_timestamp_seconds", last["at_ts"]))
-        samples["device_agent_last_renewal_success"].append(_sample(
+        samples["device_agent_last_renewal_success"].append(sample(
             "device_agent_last_renewal_success", 1 if last["outcome"] == "issued" else 0))
-    out: list[str] = []
-    for name, lines in samples.items():
-        if lines:
-            kind, text = _METRICS[name]
-            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *lines]
-    return "\n".join(out) + "\n"
+    return exposition(samples, _METRICS)
 
 
 def write_textfile(path: Path, status: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ it is, and survives the worker that wrote it.
 
 Why not ``prometheus_client``: its multiprocess mode does the same with mmap'd
 files per PID, an environment variable that must be set before the import, and a
-collector in the parent; the text format is small (below), the aggregation here is
-a sum, and the server then needs no dependency beyond aiohttp.
+collector in the parent; the text format is small (device_agent/_prometheus.py), the
+aggregation here is a sum, and the server then needs no dependency beyond aiohttp.
 
 Counters (``_total``) and the latency histogram are per worker, summed; labels are
 from small fixed sets (endpoints, status classes, issuance kinds, refusal kinds),
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import tempfile
 import threading
@@ -38,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 from cryptography import x509
+
+from device_agent._prometheus import exposition, histogram, sample
 
 from .errors import ProvisioningError
 from .registry import IssuanceKind
@@ -194,48 +195,18 @@ def _key(labels: Mapping[str, str]) -> Labels:
     return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
 
 
-# --- the text exposition format (Prometheus 0.0.4) ----------------------------------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: Labels, extra: tuple[str, str] | None = None) -> str:
-    items = [*labels, *([extra] if extra else [])]
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in items) + "}"
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def render(merged: Merged, gauges: Mapping[str, float]) -> str:
     """One scrape's text: the workers' ``merged`` counts and the supervisor's ``gauges``."""
     counters, histograms = merged
     families: dict[str, list[str]] = {}
     for (name, labels), value in sorted(counters.items()):
-        families.setdefault(name, []).append(f"{name}{_labels(labels)} {_number(value)}")
+        families.setdefault(name, []).append(sample(name, value, labels))
     for (name, labels), cell in sorted(histograms.items()):
-        lines = families.setdefault(name, [])
-        running = 0.0
-        for bound, value in zip((*BUCKETS, math.inf), cell, strict=False):
-            running += value
-            lines.append(f"{name}_bucket{_labels(labels, ('le', _number(bound)))} "
-                         f"{_number(running)}")
-        lines.append(f"{name}_sum{_labels(labels)} {_number(cell[-1])}")
-        lines.append(f"{name}_count{_labels(labels)} {_number(running)}")
+        families.setdefault(name, []).extend(histogram(name, labels, BUCKETS, cell[:-1],
+                                                       cell[-1]))
     for name, value in gauges.items():
-        families.setdefault(name, []).append(f"{name} {_number(value)}")
-    out: list[str] = []
-    for name, lines in families.items():
-        kind, text = _HELP.get(name, ("untyped", name))
-        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *lines]
-    return "\n".join(out) + "\n"
+        families.setdefault(name, []).append(sample(name, value))
+    return exposition(families, _HELP)
 
 
 # --- the supervisor's side ---------------------------------------------------------------

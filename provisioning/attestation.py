@@ -10,10 +10,11 @@ it, and that public area is the request's key, made inside the TPM
 signing key that cannot decrypt. The AK itself must be a restricted signing key,
 so it signs only structures the TPM generated.
 
-The factory side is here too: :func:`verify_ek_certificate` (does the TPM's EK
-certificate chain to a manufacturer we trust) and :func:`make_credential`, the
-software half of the credential activation that proves the AK lives in the TPM
-that holds the EK (TPM 2.0 Part 1, "Credential Protection").
+The factory side is here too: :func:`verify_endorsement` (does the TPM's EK
+certificate chain to a manufacturer we trust and name the TPM's EK, and is its AK
+fit to attest) and :func:`make_credential`, the software half of the credential
+activation that proves the AK lives in the TPM that holds the EK (TPM 2.0 Part 1,
+"Credential Protection").
 
 Structures follow TPM 2.0 Part 2; everything is big-endian and length-checked.
 """
@@ -376,6 +377,26 @@ def check_ek_matches(ek_public: bytes, certificate: x509.Certificate) -> TPMPubl
         raise AttestationError("the TPM's endorsement key is not the one its EK certificate "
                                "names")
     return ek
+
+
+def verify_endorsement(ek_certificate: x509.Certificate, ek_public: bytes, ak_public: bytes,
+                       roots: Iterable[x509.Certificate],
+                       intermediates: Iterable[x509.Certificate] = (),
+                       ) -> tuple[TPMPublic, TPMPublic]:
+    """The EK and the AK a TPM presented at the factory: the EK certificate chains to one of
+    ``roots`` (the makers the line trusts), the EK the TPM recreated is the one it names,
+    and the AK is a restricted signing key that never leaves its TPM.
+
+    One check for both places a line attests a TPM: on the station with a local Factory
+    CA (factory.py) and in the signing service, from the station's headers
+    (factory_signing.py). That the AK sits beside this EK is proven after, by credential
+    activation.
+    """
+    verify_ek_certificate(ek_certificate, roots, intermediates)
+    ek = check_ek_matches(ek_public, ek_certificate)
+    ak = parse_public(ak_public)
+    check_attestation_key(ak)
+    return ek, ak
 
 
 def _kdfa(alg: int, key: bytes, label: bytes, context_u: bytes, context_v: bytes,

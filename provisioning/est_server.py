@@ -61,6 +61,7 @@ from .est_wire import (
     PREFIX,
     encode_certs,
     encode_csrattrs,
+    read_body,
 )
 from .est_wire import media_type as _media_type
 from .registry import open_registry, serial_hex
@@ -287,17 +288,7 @@ class Endpoints:
 
     async def _body(self, request: web.Request, limit: int) -> bytes | tuple[int, str]:
         """The body, or the refusal: larger than ``limit``, or slower than body_timeout."""
-        timeout = self.config.body_timeout
-        body = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                async for chunk in request.content.iter_chunked(8192):
-                    body += chunk
-                    if len(body) > limit:
-                        return (413, f"request body larger than {limit} bytes")
-        except TimeoutError:
-            return (408, f"request body not received within {timeout:g}s")
-        return bytes(body)
+        return await read_body(request, limit, self.config.body_timeout)
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,17 @@
 Requests carry a base64 PKCS#10 body (``application/pkcs10``); answers carry a
 base64 PKCS#7 certs-only structure. RFC 8951 settles that base64 is always
 used whatever ``Content-Transfer-Encoding`` says, and that a receiver tolerates
-line breaks and other whitespace inside it.
+line breaks and other whitespace inside it. A request body is read within the size
+and time limits its server sets (``read_body``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -18,6 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from .errors import EnrollmentRefused
+
+if TYPE_CHECKING:  # aiohttp is the server extra; the station's code imports this module too
+    from aiohttp import web
 
 PREFIX = "/.well-known/est"
 CSR_TYPE = "application/pkcs10"
@@ -34,6 +40,26 @@ PARSE_ERRORS: tuple[type[Exception], ...] = (
 def media_type(content_type: str | None) -> str:
     """``application/pkcs10`` from ``Application/PKCS10; charset=x``: parameters are ignored."""
     return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: web.Request, limit: int,
+                    timeout: float) -> bytes | tuple[int, str]:
+    """The body of an enrollment request, or the refusal (status, reason) to answer with.
+
+    Shared by the EST server and the Factory CA's service, so both refuse a body larger
+    than ``limit`` with 413 as soon as it passes the limit, and one slower than
+    ``timeout`` seconds with 408, in the same words.
+    """
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(8192):
+                body += chunk
+                if len(body) > limit:
+                    return (413, f"request body larger than {limit} bytes")
+    except TimeoutError:
+        return (408, f"request body not received within {timeout:g}s")
+    return bytes(body)
 
 
 def decode_base64(body: bytes, what: str) -> bytes:

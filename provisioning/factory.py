@@ -66,13 +66,11 @@ from device_agent.tpm import TPM, KeyBlob, build_csr
 from . import pki
 from .attestation import (
     AttestationError,
-    check_attestation_key,
-    check_ek_matches,
     ek_fingerprint,
     make_credential,
     parse_public,
     verify_csr_attestation,
-    verify_ek_certificate,
+    verify_endorsement,
 )
 from .registry import AttestationKey, certificate_fingerprint
 from .registry import Registrar as Registrar  # the factory's hook, re-exported
@@ -233,8 +231,9 @@ def attest_tpm(tpm: KeyStore, device_id: str, line: LineSettings,
                ) -> tuple[AttestationKeyBlob, AttestationKey]:
     """The TPM is of a maker the line trusts and holds a new AK beside its EK.
 
-    EK certificate from NV, its chain to ``line.manufacturer_roots``, the EK it
-    names, then TPM2_MakeCredential (here, in software) and
+    EK certificate from NV, the EK recreated and a new AK created, then the check the
+    signing service makes too (its chain to ``line.manufacturer_roots``, the EK it
+    names, the AK's attributes), then TPM2_MakeCredential (here, in software) and
     TPM2_ActivateCredential (in the TPM) of a random secret for the new AK: only
     the TPM holding both gives the secret back. Every refusal is a FactoryError.
     With a ``challenger`` (the signing service) the credential is made there and the
@@ -246,13 +245,12 @@ def attest_tpm(tpm: KeyStore, device_id: str, line: LineSettings,
     try:
         endorsement = read_endorsement(tpm)
         certificate = x509.load_der_x509_certificate(endorsement.certificate)
-        verify_ek_certificate(certificate, line.manufacturer_roots,
-                              line.manufacturer_intermediates)
         with endorsement_key(tpm, endorsement) as (_, ek_public):
-            ek = check_ek_matches(ek_public, certificate)
+            pass  # recreated for its public area only
         ak = create_attestation_key(tpm)
-        ak_public = parse_public(ak.public_area)
-        check_attestation_key(ak_public)
+        ek, ak_public = verify_endorsement(certificate, ek_public, ak.public_area,
+                                           line.manufacturer_roots,
+                                           line.manufacturer_intermediates)
         secret = secrets.token_bytes(32)
         if challenger is None:
             blob, encrypted = make_credential(ek, ak_public.name, secret)

@@ -49,7 +49,15 @@ from cryptography import x509
 
 from . import pki
 from .est_server import TLS12_CIPHERS, _text, peer_certificate
-from .est_wire import CERTS_TYPE, CSR_TYPE, PARSE_ERRORS, PREFIX, encode_certs, media_type
+from .est_wire import (
+    CERTS_TYPE,
+    CSR_TYPE,
+    PARSE_ERRORS,
+    PREFIX,
+    encode_certs,
+    media_type,
+    read_body,
+)
 from .factory import LocalFactoryCA
 from .factory_config import ServiceConfig
 from .factory_signing import (
@@ -138,7 +146,7 @@ class FactoryEndpoints:
         if media_type(request.content_type) != CSR_TYPE:
             answer = await self._run("refuse", base, 415, f"content type must be {CSR_TYPE}")
             return _text(answer.status, answer.reason)
-        body = await self._body(request, limit)
+        body = await read_body(request, limit, BODY_TIMEOUT)
         if isinstance(body, tuple):
             answer = await self._run("refuse", base, *body)
             return _text(answer.status, answer.reason)
@@ -177,21 +185,6 @@ class FactoryEndpoints:
             answer = await self._run("refuse", Request(name, serial, b""), 403, why)
             return _text(answer.status, answer.reason)
         return station.name, serial
-
-
-    @staticmethod
-    async def _body(request: web.Request, limit: int) -> bytes | tuple[int, str]:
-        """The body, or the refusal: larger than ``limit``, or slower than BODY_TIMEOUT."""
-        body = bytearray()
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                async for chunk in request.content.iter_chunked(8192):
-                    body += chunk
-                    if len(body) > limit:
-                        return (413, f"request body larger than {limit} bytes")
-        except TimeoutError:
-            return (408, f"request body not received within {BODY_TIMEOUT:g}s")
-        return bytes(body)
 
 
 async def serve(config: ServiceConfig) -> None:

@@ -48,13 +48,11 @@ from device_agent.identity import device_uri, is_service_identity, validate_devi
 from .attestation import (
     AttestationError,
     TPMPublic,
-    check_attestation_key,
-    check_ek_matches,
     ek_fingerprint,
     make_credential,
     parse_public,
     verify_csr_attestation,
-    verify_ek_certificate,
+    verify_endorsement,
 )
 from .errors import EnrollmentRefused, RegistryError
 from .est_wire import PARSE_ERRORS, decode_csr
@@ -221,10 +219,8 @@ class EndorsementCheck:
                 base64.b64decode(request.ek_certificate, validate=True))
             ek_public = base64.b64decode(request.ek_public, validate=True)
             ak_public = base64.b64decode(request.ak_public, validate=True)
-            verify_ek_certificate(certificate, self.roots, self.intermediates)
-            ek = check_ek_matches(ek_public, certificate)
-            ak = parse_public(ak_public)
-            check_attestation_key(ak)
+            ek, ak = verify_endorsement(certificate, ek_public, ak_public, self.roots,
+                                        self.intermediates)
         except PARSE_ERRORS as exc:  # binascii.Error is a ValueError
             raise EnrollmentRefused(400, f"attestation headers unreadable: {exc}") from exc
         except AttestationError as exc:

@@ -228,34 +228,35 @@ def test_a_station_certificate_from_another_station_ca_fails_the_handshake(
 # --- two stations, one device ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["refused", "forced"])
 def test_another_stations_device_needs_force(
     service: FactoryService, stations: dict[str, Station], swtpm: SoftwareTPM, tmp_path: Path,
+    force: bool,
 ) -> None:
-    assert provision_one(service, stations["st-a"], "two-st", swtpm.tcti,
+    device_id = f"two-st-{'forced' if force else 'refused'}"
+    assert provision_one(service, stations["st-a"], device_id, swtpm.tcti,
                          tmp_path / "a")["ok"] is True
-    first = complete_identity(tmp_path / "a", "two-st", factory_cert(service))
-    refused = provision_one(service, stations["st-b"], "two-st", swtpm.tcti, tmp_path / "b")
-    assert (refused["ok"], refused["status"]) == (False, 409)
-    assert not (tmp_path / "b").exists()
+    first = complete_identity(tmp_path / "a", device_id, factory_cert(service))
+    row = provision_one(service, stations["st-b"], device_id, swtpm.tcti, tmp_path / "b",
+                        *(["--force"] if force else []))
+    if force:
+        assert row["ok"] is True, row
+        holder, current = "st-b", complete_identity(tmp_path / "b", device_id,
+                                                    factory_cert(service))
+    else:
+        assert (row["ok"], row["status"]) == (False, 409)
+        assert not (tmp_path / "b").exists()
+        holder, current = "st-a", first
     with service.registry() as registry:
-        device = registry.device("two-st")
-        made = registry.factory_enrollment("two-st")
+        device = registry.device(device_id)
+        made = registry.factory_enrollment(device_id)
         assert device is not None and device.bootstrap_fingerprint == \
-            certificate_fingerprint(first)
-        assert made is not None and made.station == "st-a"
-    forced = provision_one(service, stations["st-b"], "two-st", swtpm.tcti, tmp_path / "b",
-                           "--force")
-    assert forced["ok"] is True, forced
-    second = complete_identity(tmp_path / "b", "two-st", factory_cert(service))
-    with service.registry() as registry:
-        device = registry.device("two-st")
-        made = registry.factory_enrollment("two-st")
-        assert device is not None and device.bootstrap_fingerprint == \
-            certificate_fingerprint(second)
-        assert made is not None and made.station == "st-b"
-        records = {r.serial: r for r in registry.certificates("two-st")}
-        assert records[f"{first.serial_number:x}"].revocation_reason == "superseded"
-        assert not records[f"{second.serial_number:x}"].revoked
+            certificate_fingerprint(current)
+        assert made is not None and made.station == holder
+        records = {r.serial: r for r in registry.certificates(device_id)}
+        assert records[f"{first.serial_number:x}"].revocation_reason == \
+            ("superseded" if force else None)
+        assert not records[f"{current.serial_number:x}"].revoked
 
 
 # --- a station killed at each step --------------------------------------------------------
