@@ -8,6 +8,7 @@ SIGHUP. So the broker gets a directory of its own, never the PKI directory
 * ``mosquitto.conf``  root:<group> 0640, the broker cannot rewrite its own ``user`` line;
 * ``acl``             <user>:<group> 0600, as Mosquitto >= 2.0.16 asks of ACL files;
 * ``tls/``            root:<group> 0750, server cert and key, client CA chain, CRL (0640);
+* ``tls/crl.d/``      root:<group> 0750, the CRLs by issuer hash (crl_dir.py);
 * ``data/``           <user>:<group> 0700, persistence, dynamic-security state, pid file;
 * ``admin/``          root 0700, the admin identity the revocation path uses;
 * ``broker.json``     where everything is, for ``revocation.enforce``.
@@ -34,6 +35,7 @@ from provisioning.registry import open_registry
 
 from ._install import Owner, install, make_dir
 from .crl import accept_crl, crl_lock, registry_expiries
+from .crl_dir import publish
 from .errors import BrokerConfigError
 from .mosquitto import BrokerSettings, render_acl, render_conf
 
@@ -80,6 +82,11 @@ class BrokerLayout:
     @property
     def crl(self) -> Path:
         return self.tls / "device-ca.crl"
+
+    @property
+    def crl_dir(self) -> Path:
+        """CRLs by issuer hash, read at every handshake (crl_dir.py): no reload needed."""
+        return self.tls / "crl.d"
 
     @property
     def crl_lock(self) -> Path:
@@ -234,6 +241,7 @@ def render_broker(
     settings = BrokerSettings(
         port=port, client_ca=layout.client_ca, certfile=layout.server_cert,
         keyfile=layout.server_key, data_dir=layout.data, crlfile=layout.crl,
+        crl_dir=layout.crl_dir,
         backend_identity=backend_identity, bind=bind, user=user,
         admin_identity=ADMIN_IDENTITY, dynsec_plugin=find_dynsec_plugin(),
         dynsec_config=layout.dynsec, pid_file=layout.pid_file, clientid_from_identity=True,
@@ -255,7 +263,10 @@ def _write_broker(paths: pki.PKIPaths, layout: BrokerLayout, settings: BrokerSet
     install(layout.server_cert, paths.server_cert("broker").read_bytes(), root, 0o640)
     install(layout.server_key, paths.server_key("broker").read_bytes(), root, 0o640)
     install(layout.client_ca, (paths.device_ca / "chain.pem").read_bytes(), root, 0o640)
-    install(layout.crl, crl_pem, root, 0o640)
+    make_dir(layout.crl_dir, root, 0o750)
+    if not layout.crl.exists() or layout.crl.read_bytes() != crl_pem:
+        install(layout.crl, crl_pem, root, 0o640)
+        publish(layout.crl_dir, crl_pem, root, 0o640, empty_first=False)
     if not layout.dynsec.exists():
         install(layout.dynsec, initial_dynsec_state(), owner, 0o600)
     if not layout.admin_key.exists():

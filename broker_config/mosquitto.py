@@ -36,6 +36,7 @@ class BrokerSettings:
     keyfile: Path
     data_dir: Path
     crlfile: Path | None = None
+    crl_dir: Path | None = None
     backend_identity: str | None = None
     bind: str = "127.0.0.1"
     user: str = "mosquitto"
@@ -48,7 +49,8 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
-        for name in ("client_ca", "certfile", "keyfile", "data_dir", "crlfile", "dynsec_plugin",
+        for name in ("client_ca", "certfile", "keyfile", "data_dir", "crlfile", "crl_dir",
+                     "dynsec_plugin",
                      "dynsec_config", "pid_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_absolute():
@@ -125,4 +127,6 @@ def render_conf(settings: BrokerSettings, acl_file: Path) -> str:
         lines.append("use_username_as_clientid true")
     if settings.crlfile:
         lines.append(f"crlfile {settings.crlfile}")
+    if settings.crl_dir:
+        lines.append(f"capath {settings.crl_dir}")
     return "\n".join(lines) + "\n"

@@ -1,40 +1,32 @@
 """Revocation that bites on a running Mosquitto: refuse new sessions, end the live one.
 
-Measured on Mosquitto 2.0.11 (Debian 12, OpenSSL 3.0): SIGHUP re-reads
-``crlfile`` into the listener's existing X509 store, so new handshakes with a
-revoked certificate fail while other clients keep connecting; but a reload
-never touches live sessions. The dynamic security plugin can end them: its
-``disableClient`` kicks every session whose username (our certificate CN)
-matches. With ``use_identity_as_username`` the plugin is never asked to
-authenticate, so "disabled" alone would not stop a reconnect; the CRL does
-that, and the deny-all role given to the revoked name is the second wall if a
-CRL reload were ever lost.
+A new CRL goes to the broker's CRL file and to its hashed CRL directory, which
+OpenSSL reads at every handshake (crl_dir.py): new handshakes with a revoked
+certificate fail at once, with no reload. The broker is never sent SIGHUP: on
+Mosquitto 2.0 a reload throws away offline persistent sessions and corrupts its
+session-expiry list (crl_dir.py says how). Live sessions are untouched by a CRL;
+the dynamic security plugin ends them: its ``disableClient`` kicks every session
+whose username (our certificate CN) matches. With ``use_identity_as_username`` the
+plugin is never asked to authenticate, so "disabled" alone would not stop a
+reconnect; the CRL does that, and the deny-all role given to the revoked name is
+the second wall.
 
-Order matters: CRL first, then SIGHUP, then the kick. The admin session needs
-a TLS handshake (several turns of the broker's loop) before its command is
-read, and the broker applies a pending reload at the end of every turn, so
-by the time the device is kicked its reconnect already meets the new CRL.
+Order matters: CRL first, then the kick, so the device's reconnect meets the CRL.
+OpenSSL picks, among current CRLs of one issuer, the one with the latest
+thisUpdate: a new CRL must therefore carry a strictly later thisUpdate than the
+installed one, or it may be ignored. It must not drop an unexpired revoked
+certificate either (crl.py).
 
-Mosquitto adds each reloaded CRL to the store and OpenSSL picks, among CRLs
-of one issuer, the one with the latest thisUpdate: a new CRL must therefore
-carry a strictly later thisUpdate than the installed one, or it may be ignored.
-It must not drop an unexpired revoked certificate either (crl.py).
-
-A broker that is not running cannot be reloaded or told anything, and need not
-be: the CRL is installed for its start, and :func:`follow_registry` (run by
-every ``refresh-crl`` given the registry) brings its bans in line with the
-registry's device states once it runs again. A pid file left by a broker that
-crashed is told from a running one by the process's start time, and the CRL a
-running broker last read is noted beside the lock (``.crl.loaded``), so a CRL
-installed while it was down or starting is reloaded by the next refresh.
+A broker that is not running cannot be told anything, and need not be: the CRL
+is installed for its start, and :func:`follow_registry` (run by every
+``refresh-crl`` given the registry) brings its bans in line with the registry's
+device states once it runs again. A pid file left by a broker that crashed is
+told from a running one by the process's start time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from ._install import Owner, install
+from ._install import Owner, install, make_dir
 from .crl import ExpiryLookup, accept_crl, crl_lock, crl_number
+from .crl_dir import publish
 from .deploy import BrokerLayout, Manifest
 from .dynsec import AdminCredentials, DynSecSession, admin_session
 from .errors import BrokerConfigError, RevocationError
@@ -72,7 +65,6 @@ class Refreshed:
     """What ``refresh_crl`` did."""
 
     installed: bool          # the CRL file changed
-    reloaded: int | None     # the pid told to re-read it
     running: bool
     banned: tuple[str, ...] = ()
     lifted: tuple[str, ...] = ()
@@ -81,8 +73,6 @@ class Refreshed:
         parts = ["CRL installed" if self.installed else "CRL already installed"]
         if not self.running:
             parts.append("broker not running: it reads the CRL when it starts")
-        elif self.reloaded is not None:
-            parts.append(f"broker {self.reloaded} reloaded")
         if self.banned:
             parts.append(f"banned {', '.join(self.banned)}")
         if self.lifted:
@@ -101,9 +91,13 @@ def check_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *
 
 
 def install_crl(layout: BrokerLayout, crl_pem: bytes) -> None:
-    """Replace the broker's CRL atomically, keeping its owner and mode (no checks)."""
+    """Replace the broker's CRL atomically, keeping its owner and mode (no checks), and
+    add it to the hashed directory a running broker reads at every handshake."""
     stat = layout.crl.stat()
-    install(layout.crl, crl_pem, Owner(stat.st_uid, stat.st_gid), stat.st_mode & 0o777)
+    owner, mode = Owner(stat.st_uid, stat.st_gid), stat.st_mode & 0o777
+    install(layout.crl, crl_pem, owner, mode)
+    make_dir(layout.crl_dir, owner, 0o750)
+    publish(layout.crl_dir, crl_pem, owner, mode, empty_first=running_pid(layout) is None)
 
 
 def replace_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
@@ -156,37 +150,6 @@ def broker_pid(layout: BrokerLayout) -> int:
     if pid is None:
         raise RevocationError(f"no running broker for {layout.base}", "reload")
     return pid
-
-
-def _loaded_mark(pid: int, crl_pem: bytes) -> str:
-    return f"{pid} {hashlib.sha256(crl_pem).hexdigest()}\n"
-
-
-def _loaded_path(layout: BrokerLayout) -> Path:
-    return layout.base / ".crl.loaded"
-
-
-def reload_broker(layout: BrokerLayout, pid: int | None = None) -> int:
-    """SIGHUP: the broker re-reads config, ACL, certificates and CRL; returns its pid."""
-    pid = pid if pid is not None else broker_pid(layout)
-    crl_pem = layout.crl.read_bytes() if layout.crl.exists() else b""
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except OSError as exc:
-        raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "reload") from exc
-    with contextlib.suppress(OSError):  # only costs one more reload at the next refresh
-        marker = _loaded_path(layout)
-        marker.with_name(marker.name + ".tmp").write_text(_loaded_mark(pid, crl_pem))
-        marker.with_name(marker.name + ".tmp").replace(marker)
-    return pid
-
-
-def _read_current(layout: BrokerLayout, pid: int) -> bool:
-    """Whether broker ``pid`` was last told to read the CRL file as it is now."""
-    try:
-        return _loaded_path(layout).read_text() == _loaded_mark(pid, layout.crl.read_bytes())
-    except OSError:
-        return False
 
 
 def block_commands(device_id: str) -> list[dict[str, Any]]:
@@ -267,8 +230,8 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
     """Make a revocation bite on the broker rendered in ``broker_dir``.
 
     Installs ``crl_pem`` (the Device CA's CRL listing the revoked certificate,
-    ``serial`` if given), reloads the broker so new handshakes meet it, then
-    ends the device's live sessions; ``keep_banned`` leaves the device a
+    ``serial`` if given), which new handshakes meet at once, then ends the
+    device's live sessions; ``keep_banned`` leaves the device a
     deny-all role until :func:`lift` (a device no longer active), otherwise
     nothing stays behind (one certificate revoked, the device still active).
     A broker that is not running gets the CRL for its start and nothing else
@@ -282,7 +245,6 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
     pid = running_pid(layout)
     if pid is None:
         return Enforcement(device_id, crl_number(crl), None, time.monotonic() - started)
-    reload_broker(layout, pid)
     run_commands(layout, device_id,
                  block_commands(device_id) if keep_banned else end_commands(device_id), timeout)
     return Enforcement(device_id, crl_number(crl), pid, time.monotonic() - started)
@@ -291,22 +253,18 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
 def refresh_crl(broker_dir: Path, crl_pem: bytes, *, expiries: ExpiryLookup | None = None,
                 force: bool = False, states: Mapping[str, DeviceState] | None = None,
                 timeout: float = 5.0) -> Refreshed:
-    """Install a re-issued CRL before the old one's nextUpdate and have the broker read it;
-    with ``states`` (the registry's), bring its bans in line (:func:`follow_registry`).
-
-    The broker is reloaded only if the CRL changed or it has not read this one (it
-    was down or starting when it was installed); a broker that is not running gets
-    the file for its start. A CRL that would roll the installed one back raises
+    """Install a re-issued CRL before the old one's nextUpdate (the next handshake reads
+    it); with ``states`` (the registry's), bring the broker's bans in line
+    (:func:`follow_registry`). A CRL that would roll the installed one back raises
     ``CRLRefused`` unless ``force``.
     """
     layout = BrokerLayout(Path(broker_dir))
     _, changed = replace_crl(layout, crl_pem, expiries=expiries, force=force)
     pid = running_pid(layout)
     if pid is None:
-        return Refreshed(changed, None, running=False)
-    reloaded = reload_broker(layout, pid) if changed or not _read_current(layout, pid) else None
+        return Refreshed(changed, running=False)
     banned, lifted = follow_registry(layout, states, timeout) if states is not None else ((), ())
-    return Refreshed(changed, reloaded, True, banned, lifted)
+    return Refreshed(changed, True, banned, lifted)
 
 
 def banned(broker_dir: Path, timeout: float = 5.0) -> set[str]:

@@ -24,7 +24,7 @@ class FaultKind(StrEnum):
     BROKER_STOP = "broker-stop"              # shorter than a certificate lifetime
     BROKER_STOP_LONG = "broker-stop-long"    # longer than a certificate lifetime
     BROKER_RESTART = "broker-restart"
-    BROKER_RERENDER = "broker-rerender"      # broker-config render, then SIGHUP
+    BROKER_RERENDER = "broker-rerender"      # broker-config render over the running broker
     EST_STOP = "est-stop"
     AGENT_KILL = "agent-kill"                # kill -9, restarted a few seconds later
     AGENT_KILL_RENEWING = "agent-kill-renewing"  # kill -9 just after its renewal began

@@ -261,8 +261,11 @@ class Injector:
         self.record.est_starts_s.append(round(time.monotonic() - began, 1))
 
     def rerender(self) -> None:
-        """``broker-config render`` over the running broker's directory, then SIGHUP, as an
-        operator re-rendering after a change would do."""
+        """``broker-config render`` over the running broker's directory, as an operator
+        re-rendering after a change would do. Not followed by SIGHUP: a reload drops
+        Mosquitto 2.0's offline sessions (broker_config/crl_dir.py); the CRL it
+        installs reaches the broker through the hashed CRL directory, and a changed
+        configuration takes a restart (README, "Revocation")."""
         from .fleet import BACKEND_ID, BIN
 
         layout, broker = self.fleet.broker_layout, self.fleet.broker
@@ -274,7 +277,6 @@ class Injector:
         if result.returncode != 0:
             raise RuntimeError(f"broker-config render: exit {result.returncode}: "
                                f"{result.stderr.strip()}")
-        broker.process.send_signal(signal.SIGHUP)
 
     # --- watchers ----------------------------------------------------------------------------
 

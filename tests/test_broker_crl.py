@@ -245,7 +245,7 @@ def test_a_crl_that_would_roll_back_is_refused_unless_forced(office: Office,
 @pytest.mark.integration
 def test_refresh_crl_is_idempotent_and_serialised_by_the_lock(office: Office,
                                                               broker_parent: Path) -> None:
-    """The same CRL twice: nothing written, no reload needed (the broker may even be down).
+    """The same CRL twice: nothing written (the broker may even be down).
     A writer holding the broker's CRL lock makes ``refresh-crl`` wait for it."""
     port, out = free_port(), broker_parent / "broker"
     render(office, out, port)
@@ -255,10 +255,10 @@ def test_refresh_crl_is_idempotent_and_serialised_by_the_lock(office: Office,
         run(DEVICE_PKI, "crl", "--pki", office.paths.base)
         run(BROKER_CONFIG, "refresh-crl", "--broker", out, "--crl", office.paths.crl)
         assert layout.crl.read_bytes() == office.paths.crl.read_bytes()
-        first = layout.crl.stat()
+        first, published = layout.crl.stat(), sorted(layout.crl_dir.iterdir())
         run(BROKER_CONFIG, "refresh-crl", "--broker", out, "--crl", office.paths.crl)
         again = revocation.refresh_crl(out, office.paths.crl.read_bytes())
-        assert not again.installed and again.reloaded is None
+        assert not again.installed and sorted(layout.crl_dir.iterdir()) == published
         mosquitto.stop()
         run(BROKER_CONFIG, "refresh-crl", "--broker", out, "--crl", office.paths.crl)
         again = layout.crl.stat()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -103,21 +102,23 @@ def test_a_device_suspended_or_revoked_while_the_broker_is_down_stays_out(
         assert revocation.banned(out) == set()  # the ban followed the state back
 
 
-def test_a_crl_the_broker_has_not_read_is_reloaded_by_the_next_refresh(
+def test_an_installed_crl_bites_on_the_next_handshake_without_a_reload(
     office: Office, broker_parent: Path,  # noqa: F811
 ) -> None:
-    """A CRL written without a reload (the broker was starting, or the signal was lost)
-    is the installed file but not the broker's: the next refresh reloads it."""
+    """Before: a CRL written without a reload (the broker was starting, or the signal was
+    lost) was the installed file but not the broker's until a later refresh reloaded it.
+    Now the next handshake reads it from the broker's hashed CRL directory, and the
+    broker is never reloaded (a reload drops offline sessions, test_broker_sessions)."""
     dev = office.device("down-2")
     port, out = free_port(), broker_parent / "broker"
     render(office, out, port)
     layout = BrokerLayout(out)
-    with Mosquitto(broker_parent, out / "mosquitto.conf", port):
+    with Mosquitto(broker_parent, out / "mosquitto.conf", port) as mosquitto:
         refresh(office, out)
-        office.revoke(dev)
-        revocation.install_crl(layout, office.paths.crl.read_bytes())  # no reload
-        time.sleep(0.5)
         assert connack(port, office.paths.server_trust, dev) == CONNACK_ACCEPTED
-        run(*service_commands(office.paths.base, out)[-1])  # the same CRL: no new file
-        time.sleep(0.5)  # the reload is applied at the end of the broker's loop turn
+        popen = mosquitto.process.popen
+        assert popen is not None
+        office.revoke(dev)
+        revocation.install_crl(layout, office.paths.crl.read_bytes())
         assert refused(port, office.paths.server_trust, dev)
+        assert popen.poll() is None and mosquitto.process.popen is popen
