@@ -19,27 +19,84 @@ gets the directory emptied, so it starts from the CRL file alone.
 
 from __future__ import annotations
 
-import re
-import subprocess
+import hashlib
 from pathlib import Path
+
+from cryptography import x509
 
 from ._install import Owner, install
 from .errors import BrokerConfigError
 
-_HASH = re.compile(r"^[0-9a-f]{8}$")
+# The string types OpenSSL folds to a canonical UTF8String (ASN1_MASK_CANON):
+# UTF8String, PrintableString, T61String, IA5String, UniversalString, VisibleString, BMPString.
+_CANON_TAGS = {0x0C: "utf-8", 0x13: "latin-1", 0x14: "latin-1", 0x16: "latin-1",
+               0x1C: "utf-32-be", 0x1A: "latin-1", 0x1E: "utf-16-be"}
+_SPACE = " \t\n\v\f\r"
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + _length(len(body)) + body
+
+
+def _items(der: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The TLVs in ``der``, each as (tag, body, whole encoding)."""
+    out, at = [], 0
+    while at < len(der):
+        tag, first = der[at], der[at + 1]
+        start, size = at + 2, first
+        if first & 0x80:
+            count = first & 0x7F
+            size = int.from_bytes(der[start:start + count], "big")
+            start += count
+        out.append((tag, der[start:start + size], der[at:start + size]))
+        at = start + size
+    return out
+
+
+def _canon_value(tag: int, body: bytes, whole: bytes) -> bytes:
+    if tag not in _CANON_TAGS:
+        return whole
+    text = body.decode(_CANON_TAGS[tag]).encode("utf-8").strip(_SPACE.encode())
+    out, index = bytearray(), 0
+    while index < len(text):
+        char = text[index]
+        if char >= 0x80:
+            out.append(char)
+        elif chr(char) in _SPACE:
+            out.append(0x20)
+            while index + 1 < len(text) and chr(text[index + 1]) in _SPACE:
+                index += 1
+        else:
+            out += chr(char).lower().encode()
+        index += 1
+    return _tlv(0x0C, bytes(out))
 
 
 def issuer_hash(crl_pem: bytes) -> str:
-    """OpenSSL's hash of the CRL issuer's canonical name, the directory's lookup key."""
+    """OpenSSL's hash of the CRL issuer's canonical name (X509_NAME_hash), the directory's
+    lookup key: SHA-1 over the name's RDN sets with every string value folded (UTF-8,
+    ASCII lower case, outer blanks dropped, inner runs made one space), first four bytes
+    little-endian."""
     try:
-        result = subprocess.run(["openssl", "crl", "-hash", "-noout"], input=crl_pem,
-                                capture_output=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BrokerConfigError(f"cannot run openssl (Debian package openssl): {exc}") from exc
-    value = result.stdout.decode("ascii", "replace").strip()
-    if result.returncode != 0 or not _HASH.match(value):
-        raise BrokerConfigError("openssl could not read the CRL's issuer")
-    return value
+        name = x509.load_pem_x509_crl(crl_pem).issuer.public_bytes()
+        canon = bytearray()
+        for _, rdn, _ in _items(_items(name)[0][1]):
+            entries = []
+            for _, entry, _ in _items(rdn):
+                (_, _, oid), (tag, body, whole) = _items(entry)
+                entries.append(_tlv(0x30, oid + _canon_value(tag, body, whole)))
+            canon += _tlv(0x31, b"".join(sorted(entries)))
+    except (ValueError, IndexError, UnicodeError) as exc:
+        raise BrokerConfigError(f"cannot read the CRL's issuer: {exc}") from exc
+    digest = hashlib.sha1(canon, usedforsecurity=False).digest()
+    return f"{int.from_bytes(digest[:4], 'little'):08x}"
 
 
 def publish(directory: Path, crl_pem: bytes, owner: Owner | None, mode: int, *,

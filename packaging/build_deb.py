@@ -95,7 +95,7 @@ PACKAGES = {
             "/usr/lib/sysusers.d/device-identity-server.conf": SERVER_DATA / "server.sysusers",
             "/usr/lib/tmpfiles.d/device-identity-server.conf": SERVER_DATA / "server.tmpfiles",
         },
-        depends=("systemd", "openssl"),  # broker-config: CRL issuer hashes (crl_dir.py)
+        depends=("systemd",),
         recommends=("mosquitto",),
         scripts=ROOT / "packaging" / "device-identity-server",
     ),
