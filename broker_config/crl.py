@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from device_agent._files import exclusive_lock
 from device_agent.errors import FileStoreError
 from provisioning.errors import ProvisioningError
-from provisioning.registry import open_registry
+from provisioning.registry import is_url, open_registry
 
 from .errors import BrokerConfigError, CRLRefused, RevocationError
 
@@ -148,11 +148,12 @@ def accept_crl(new_pem: bytes, issuer: x509.Certificate, installed_pem: bytes | 
     return crl
 
 
-def registry_expiries(path: Path) -> ExpiryLookup:
-    """Look certificates up in the registry at ``path``, opened only when a serial is missing."""
+def registry_expiries(path: Path | str) -> ExpiryLookup:
+    """Look certificates up in the registry at ``path`` (or a postgresql:// URL), opened
+    only when a serial is missing."""
 
     def lookup(serials: Collection[int]) -> Mapping[int, dt.datetime]:
-        if not path.is_file():
+        if not is_url(path) and not Path(path).is_file():
             raise BrokerConfigError(f"no registry at {path}")
         try:
             with open_registry(path) as registry:

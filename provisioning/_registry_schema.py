@@ -28,6 +28,9 @@ Version 5 adds ``factory_enrollments`` (issue 17): the bootstrap certificate the
 signing service issued to a device (PEM), and which station asked for it, so a station's
 re-run gets the same certificate back and another station's needs ``force``. A new
 table only: an older database gains it empty.
+
+These statements are SQLite's; _registry_pg.py translates them for a PostgreSQL
+registry (which starts at version 5), so a new table or column is written here once.
 """
 
 from __future__ import annotations

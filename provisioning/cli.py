@@ -25,7 +25,7 @@ from . import pki
 from .errors import PKIError
 from .est_config import parse_duration
 from .fleet_report import fleet_report
-from .registry import open_registry, registrar
+from .registry import location, open_registry, registrar
 from .revocation import Revocations
 
 BROKER_HELP = "a broker directory (broker-config render) to enforce it on now (repeatable)"
@@ -44,8 +44,8 @@ def _paths(args: argparse.Namespace) -> pki.PKIPaths:
     return pki.PKIPaths(Path(args.pki))
 
 
-def _registry_path(args: argparse.Namespace) -> Path:
-    return Path(args.registry) if args.registry else _paths(args).registry
+def _registry_path(args: argparse.Namespace) -> Path | str:
+    return location(args.registry) if args.registry else _paths(args).registry
 
 
 def _read_cert(path: str) -> x509.Certificate:
@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--pki", default=os.environ.get("DEVICE_PKI_DIR", "."),
                         help="PKI directory (default $DEVICE_PKI_DIR or .)")
-    common.add_argument("--registry", help="registry database (default PKI/registry.sqlite3)")
+    common.add_argument("--registry", help="registry: a SQLite file (default "
+                        "PKI/registry.sqlite3) or a postgresql:// URL")
     common.add_argument("--passphrase-file", help="file holding the CA keys' passphrase")
     common.add_argument("--crl", help="where to publish the CRL (default PKI/device-ca/crl.pem)")
     top = argparse.ArgumentParser(prog="device-pki", description=__doc__.splitlines()[0])

@@ -20,7 +20,8 @@ refusal_log_interval = 10 # at most one log line per refusal kind per worker per
 [pki]
 directory = "/var/lib/device-pki"
 passphrase_file = "/etc/device-pki/passphrase"   # optional
-registry = "/var/lib/device-pki/registry.sqlite3"  # default: <directory>/registry.sqlite3
+registry = "/var/lib/device-pki/registry.sqlite3"  # default: <directory>/registry.sqlite3;
+                          # or "postgresql://est@db.example/registry" (shared by servers)
 crl = "/var/lib/device-pki/device-ca/crl.pem"  # published after supersedes; this default
 registry_sync = "full"    # or "normal": no fsync per enrollment (see below)
 
@@ -42,6 +43,11 @@ host = "127.0.0.1"             # the default; the supervisor serves it (_est_met
 ```
 
 Relative paths are read from the configuration file's directory.
+
+``pki.registry`` as a ``postgresql://`` URL (libpq's syntax; ``?host=/run/postgresql``
+for a unix socket) puts the registry in PostgreSQL, which several est-server hosts
+share; the schema is created at the first start. Daily budgets and first enrollments
+are decided inside the registry's write transaction, so they hold across servers.
 
 The connection keys (``handshake_timeout`` to ``refusal_log_interval``) bound
 what a client that never authenticates can hold: a socket that sends nothing
@@ -83,6 +89,7 @@ from device_agent.errors import ConfigError
 
 from .enrollment import BootstrapReenroll, KeyAttestation, Policy, UnknownDevices
 from .pki import PKIPaths
+from .registry import is_url
 
 # [server] keys for the connection edge (_est_guard.py), read with their defaults' types.
 _EDGE_KEYS = ("handshake_timeout", "idle_timeout", "body_timeout", "max_connections",
@@ -107,7 +114,7 @@ def default_renewals(lifetime: dt.timedelta) -> int:
 @dataclass(frozen=True)
 class ServerConfig:
     pki_dir: Path
-    registry: Path
+    registry: Path | str  # a SQLite file, or a postgresql:// URL
     crl: Path | None = None  # None: the PKI's device-ca/crl.pem
     passphrase_file: Path | None = None
     registry_sync: str = "full"
@@ -257,7 +264,8 @@ def load(path: str | Path) -> ServerConfig:
         raise ConfigError(f"{source}: policy: {exc}") from exc
     config = ServerConfig(
         pki_dir=pki_dir,
-        registry=base / registry if registry else PKIPaths(pki_dir).registry,
+        registry=(registry if registry and is_url(registry) else
+                  base / registry if registry else PKIPaths(pki_dir).registry),
         crl=base / crl if crl else None,
         passphrase_file=base / secret if secret else None,
         registry_sync=_take(pki, "pki", "registry_sync", str, "full"),

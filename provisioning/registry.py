@@ -2,10 +2,14 @@
 
 SQLite in WAL mode is the embedded default: readers never wait for the writer,
 and the EST server's worker processes share one file, each with its own
-connection. The SQL stays portable (text timestamps in ISO 8601 UTC, serials as
-lowercase hex text, ``ON CONFLICT`` upserts, parameters everywhere) so that a
-fleet that outgrows one host can move the same schema to PostgreSQL; only the
-pragmas and the append-only triggers are SQLite's dialect.
+connection. A ``postgresql://`` URL where a path is given puts the same schema
+in PostgreSQL, which several EST servers on several hosts share. The SQL here is
+written once (text timestamps in ISO 8601 UTC, serials as lowercase hex text,
+``ON CONFLICT`` upserts, ``?`` parameters everywhere); what differs between the
+two, from placeholders to the write lock, is in _registry_db.py and
+_registry_pg.py. Every decision that must hold across servers (a daily budget,
+one first enrollment per device) is read and written inside :meth:`Registry.transaction`,
+which both databases serialize.
 
 A certificate is named by its issuer (the CA's distinguished name, RFC 4514)
 and its serial: the Factory CA and the Device CA each choose serials of their
@@ -18,13 +22,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -32,8 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from device_agent.identity import is_service_identity, validate_device_id
 
 from . import pki
+from ._registry_db import Cursor, Database, connect
+from ._registry_db import RegistryLocation as RegistryLocation
+from ._registry_db import is_url as is_url
+from ._registry_db import location as location
 from ._registry_schema import SCHEMA_VERSION as SCHEMA_VERSION  # the tables live there
-from ._registry_schema import migrate
 from .errors import RegistryError
 
 
@@ -201,7 +206,7 @@ _CERTIFICATE = ("SELECT serial, device_id, kind, not_before, not_after, public_k
                 " status, revocation_reason, revoked_at, issuer, attested FROM certificates")
 
 
-def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
+def _certificate_record(row: Sequence[Any]) -> CertificateRecord:
     return CertificateRecord(row[0], row[1], CertKind(row[2]), row[3], row[4], row[5], row[6],
                              row[7], row[8], row[9], bool(row[10]))
 
@@ -209,21 +214,38 @@ def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
 class Registry:
     """Queries and changes over one connection; writes go through :meth:`transaction`."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._db = connection
+    def __init__(self, database: Database) -> None:
+        self._db = database
         self._depth = 0
 
     # --- plumbing ------------------------------------------------------------------------
 
-    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def _execute(self, sql: str, params: tuple[object, ...] = (),
+                 failed: str = "registry query failed") -> Cursor:
         try:
-            return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
+            return self._db.execute(sql, params)
+        except self._db.errors as exc:
+            raise RegistryError(f"{failed}: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        cursor = self._execute(sql, params)
+        if cursor.description is None:  # no rows to read (psycopg refuses fetchall then)
+            return []
+        try:
+            return cursor.fetchall()
+        except self._db.errors as exc:
             raise RegistryError(f"registry query failed: {exc}") from exc
+
+    def _call(self, step: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except self._db.errors as exc:
+            raise RegistryError(f"registry {step} failed: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[Registry]:
-        """A write transaction taken up front, so it never fails half-way on a lock upgrade."""
+        """A write transaction taken up front, so it never fails half-way on a lock upgrade
+        (SQLite), and serialized with every other writer's (PostgreSQL, across servers)."""
         if self._depth:
             self._depth += 1
             try:
@@ -231,7 +253,7 @@ class Registry:
             finally:
                 self._depth -= 1
             return
-        self._query("BEGIN IMMEDIATE")
+        self._call("begin", self._db.begin)
         self._depth = 1
         try:
             yield self
@@ -241,7 +263,7 @@ class Registry:
             raise
         self._depth = 0
         try:
-            self._query("COMMIT")
+            self._call("commit", self._db.commit)
         except RegistryError:
             self._db.rollback()
             raise
@@ -332,17 +354,15 @@ class Registry:
                            kind: CertKind, attested: bool = False) -> None:
         serial = serial_hex(certificate.serial_number)
         issuer = issuer_name(certificate.issuer)
-        try:
-            cursor = self._db.execute(
-                "INSERT INTO certificates (issuer, serial, device_id, kind, not_before, not_after,"
-                " public_key_sha256, status, recorded, attested)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)"
-                " ON CONFLICT (issuer, serial) DO NOTHING",
-                (issuer, serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
-                 timestamp(certificate.not_valid_after_utc),
-                 public_key_fingerprint(certificate.public_key()), timestamp(), int(attested)))
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot record certificate {serial}: {exc}") from exc
+        cursor = self._execute(
+            "INSERT INTO certificates (issuer, serial, device_id, kind, not_before, not_after,"
+            " public_key_sha256, status, recorded, attested)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)"
+            " ON CONFLICT (issuer, serial) DO NOTHING",
+            (issuer, serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
+             timestamp(certificate.not_valid_after_utc),
+             public_key_fingerprint(certificate.public_key()), timestamp(), int(attested)),
+            f"cannot record certificate {serial}")
         if cursor.rowcount == 0:
             known = self.certificate(serial, issuer)
             if known is None or known.device_id != device_id:
@@ -384,7 +404,7 @@ class Registry:
         return _certificate_record(rows[0]) if rows else None
 
     def certificates(self, device_id: str | None = None) -> list[CertificateRecord]:
-        rows = self._query(f"{_CERTIFICATE} WHERE ? IS NULL OR device_id = ?"
+        rows = self._query(f"{_CERTIFICATE} WHERE CAST(? AS TEXT) IS NULL OR device_id = ?"
                            " ORDER BY recorded, serial", (device_id, device_id))
         return [_certificate_record(row) for row in rows]
 
@@ -459,13 +479,14 @@ class Registry:
         named = 0
         with self.transaction():
             for kind, issuer in issuers.items():
-                try:
-                    cursor = self._db.execute(
-                        "UPDATE OR IGNORE certificates SET issuer = ? WHERE issuer = ''"
-                        " AND kind = ?", (issuer_name(issuer), kind.value))
-                except sqlite3.Error as exc:
-                    raise RegistryError(f"cannot name the issuer of {kind} certificates: "
-                                        f"{exc}") from exc
+                # A row whose (issuer, serial) is taken already keeps '' (SQLite's UPDATE
+                # OR IGNORE, written so that both databases read it).
+                name = issuer_name(issuer)
+                cursor = self._execute(
+                    "UPDATE certificates SET issuer = ? WHERE issuer = '' AND kind = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM certificates AS taken"
+                    " WHERE taken.issuer = ? AND taken.serial = certificates.serial)",
+                    (name, kind.value, name), f"cannot name the issuer of {kind} certificates")
                 named += cursor.rowcount
         return named
 
@@ -589,7 +610,8 @@ class Registry:
 
     def issuances(self, device_id: str | None = None) -> list[Issuance]:
         rows = self._query("SELECT device_id, kind, issuer, serial, at FROM issuances"
-                           " WHERE ? IS NULL OR device_id = ? ORDER BY id", (device_id, device_id))
+                           " WHERE CAST(? AS TEXT) IS NULL OR device_id = ? ORDER BY id",
+                           (device_id, device_id))
         return [Issuance(row[0], IssuanceKind(row[1]), *row[2:]) for row in rows]
 
     def issued_since(self, device_id: str, kind: IssuanceKind,
@@ -603,40 +625,31 @@ class Registry:
     def audit_log(self, device_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
         rows = self._query(
             "SELECT action, decision, reason, device_id, status, peer_serial, issued_serial, at"
-            " FROM audit WHERE ? IS NULL OR device_id = ? ORDER BY id DESC LIMIT ?",
+            " FROM audit WHERE CAST(? AS TEXT) IS NULL OR device_id = ? ORDER BY id DESC LIMIT ?",
             (device_id, device_id, limit))
         return [AuditEntry(*row) for row in reversed(rows)]
 
 
 @contextmanager
-def open_registry(path: str | Path, busy_timeout: float = 10.0,
+def open_registry(where: RegistryLocation, busy_timeout: float = 10.0,
                   synchronous: str = "full") -> Iterator[Registry]:
     """One connection, for one process or thread; closed on exit.
 
+    ``where`` is a SQLite file's path, or a ``postgresql://`` URL (libpq's: a
+    ``host=/dir`` parameter for a unix socket). A database that cannot be reached is
+    a RegistryError either way.
+
     ``full`` (the default): a certificate handed to a device is on disk first,
     so it can always be found and revoked later. ``normal`` skips the fsync at
-    each commit; a power cut may then forget the last issuance records (the
-    database stays consistent), see est_config.py for when that is acceptable.
+    each commit (PostgreSQL: ``synchronous_commit = off``); a power cut may then
+    forget the last issuance records (the database stays consistent), see
+    est_config.py for when that is acceptable.
     """
-    path = Path(path)
-    if synchronous not in ("full", "normal"):
-        raise RegistryError(f"synchronous must be full or normal, not {synchronous!r}")
+    database = connect(where, busy_timeout, synchronous)
     try:
-        db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise RegistryError(f"cannot open the registry {path}: {exc}") from exc
-    try:
-        try:
-            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-            db.execute("PRAGMA foreign_keys = ON")
-            migrate(db, path)
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot prepare the registry {path}: {exc}") from exc
-        yield Registry(db)
+        yield Registry(database)
     finally:
-        db.close()
+        database.close()
 
 
 class Registrar(Protocol):
@@ -649,8 +662,8 @@ class Registrar(Protocol):
                  attestation: AttestationKey | None = None) -> None: ...
 
 
-def registrar(path: str | Path) -> Registrar:
-    """The factory's hook: allowlist a device in the registry at ``path``, and record its
+def registrar(path: RegistryLocation) -> Registrar:
+    """The factory's hook: allowlist a device in the registry at ``path`` (or URL), and record its
     attestation key when given, the bootstrap certificate then as attested (one transaction)."""
 
     def register(device_id: str, bootstrap: x509.Certificate,

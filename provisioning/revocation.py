@@ -69,7 +69,7 @@ class Revocations:
     """Revocation against one registry and one Device CA, enforced on ``brokers``."""
 
     def __init__(self, paths: pki.PKIPaths, authority: pki.Authority | None,
-                 registry: Path | None = None, crl: Path | None = None,
+                 registry: Path | str | None = None, crl: Path | None = None,
                  brokers: Sequence[Path] = ()) -> None:
         """``authority`` (the unlocked Device CA) may be None for :meth:`suspend` and
         :meth:`activate`, which publish nothing."""

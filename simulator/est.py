@@ -35,7 +35,7 @@ class ESTServer:
 
     port: int
     pki: pki.PKIPaths
-    registry_path: Path
+    registry_path: Path | str  # a SQLite file or a postgresql:// URL
     log: Path
     process: subprocess.Popen[bytes]
     recovery_port: int | None = None
@@ -84,11 +84,12 @@ class ESTServer:
 def write_config(directory: Path, paths: pki.PKIPaths, port: int,
                  recovery_port: int | None = None, *,
                  server_table: Mapping[str, object] | None = None,
-                 registry: Path | None = None, crl: Path | None = None,
+                 registry: Path | str | None = None, crl: Path | None = None,
                  metrics_port: int | None = None, **policy: object) -> Path:
     """est.toml for a test server; ``policy`` becomes the [policy] table as given,
     ``server_table`` adds to (or overrides) the [server] table; the registry is
-    ``directory/registry.sqlite3`` unless ``registry`` names one, and the CRL it
+    ``directory/registry.sqlite3`` unless ``registry`` names one (a path or a
+    postgresql:// URL, which several servers may share), and the CRL it
     publishes after supersedes ``directory/crl.pem`` unless ``crl`` does (several test
     servers share one PKI, each with its own registry: one CRL file each)."""
     table: dict[str, object] = {"port": port, "workers": 2, "max_in_flight": 256,
@@ -113,7 +114,7 @@ def write_config(directory: Path, paths: pki.PKIPaths, port: int,
 @contextmanager
 def running_est_server(directory: Path, paths: pki.PKIPaths, *, recovery: bool = False,
                        server_table: Mapping[str, object] | None = None,
-                       registry: Path | None = None, crl: Path | None = None,
+                       registry: Path | str | None = None, crl: Path | None = None,
                        metrics: bool = False, **policy: object) -> Iterator[ESTServer]:
     """Start est-server on a free port, wait for its "ready" line, then SIGTERM, then kill.
 

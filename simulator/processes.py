@@ -49,10 +49,25 @@ class ComponentError(IdentityError):
     """A real component could not be found, started or made ready."""
 
 
+# Where Debian keeps the programs of a versioned server, off PATH (postgresql-NN's initdb,
+# pg_ctl): looked at first, so that they match each other; the newest version wins.
+VERSIONED_BIN = ("/usr/lib/postgresql/*/bin",)
+
+
+def _versioned(program: str) -> str | None:
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in Path(path).parent.parent.name.split(".")
+                     if part.isdigit())
+
+    found = [path for pattern in VERSIONED_BIN for path in glob.glob(f"{pattern}/{program}")]
+    return max(found, key=version) if found else None
+
+
 def require(program: str) -> str:
     """Path of ``program``, or an error saying which Debian package provides it."""
     package = package_of(program)
-    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    path = (_versioned(program) or shutil.which(program)
+            or shutil.which(program, path="/usr/sbin:/sbin"))
     if path is None:
         raise ComponentError(f"{program} not found: apt-get install {package} (or run make setup)")
     return path

@@ -19,6 +19,7 @@ from device_agent.tpm import TPM, KeyBlob
 from provisioning import pki
 from simulator import seed
 from simulator.manufacturer import Manufacturer
+from simulator.postgres import PostgreSQL
 from simulator.processes import DBusSession, Mosquitto, SoftwareTPM, free_port
 
 BACKEND_ID = "backend"
@@ -74,6 +75,22 @@ def key_file(tmp_path: Path, swtpm: SoftwareTPM) -> Path:
     """A fresh TPM key blob written as a TSS2 key file."""
     with TPM(swtpm.tcti) as tpm:
         return tpm.create_key().write(tmp_path / "key.tss")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgreSQL]:
+    """One PostgreSQL server for the session, on a unix socket in a directory of its own."""
+    with PostgreSQL() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's registry lives: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "registry.sqlite3"
+    server: PostgreSQL = request.getfixturevalue("postgres")
+    return server.new_database()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,26 @@ def _key() -> ec.EllipticCurvePublicKey:
     return ec.generate_private_key(ec.SECP256R1()).public_key()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> pki.PKIPaths:
+@dataclass(frozen=True)
+class Registered:
+    """The fleet's PKI and where its registry is: the PKI's SQLite file, or PostgreSQL."""
+
+    paths: pki.PKIPaths
+    registry: Path | str
+
+    @property
+    def options(self) -> list[str]:
+        return ["--pki", str(self.paths.base), "--registry", str(self.registry)]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Registered:
     paths = pki.init_pki(tmp_path_factory.mktemp("fleet-pki"))
-    with open_registry(paths.registry) as registry, registry.transaction():
+    location: Path | str = paths.registry
+    if request.param == "postgresql":
+        location = request.getfixturevalue("postgres").new_database("fleet")
+    with open_registry(location) as registry, registry.transaction():
         f = Fleet(paths, registry)
         for device_id in ("renews", "soon", "stranded", "recovered", "reenrolled", "new"):
             f.device(device_id)
@@ -68,12 +85,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> pki.PKIPaths:
         f.issue("reenrolled", IssuanceKind.BOOTSTRAP_REENROLL, 10 * DAY, 10.5 * DAY)
         f.issue("paused", IssuanceKind.ENROLL, 1 * DAY, 3 * DAY)  # suspended: not counted
         registry.hold("unknown-1", f.factory.issue_client("unknown-1", _key(), DAY))
-    return paths
+    return Registered(paths, location)
 
 
-def report(paths: pki.PKIPaths, *options: str) -> dict[str, Any]:
-    result = subprocess.run([DEVICE_PKI, "report", "--pki", str(paths.base), "--json",
-                             *options], capture_output=True, text=True, timeout=60, check=False)
+def report(fleet: Registered, *options: str) -> dict[str, Any]:
+    result = subprocess.run([DEVICE_PKI, "report", *fleet.options, "--json", *options],
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -83,7 +100,7 @@ def devices(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def test_report_counts_states_expiry_recoveries_and_devices_never_renewed(
-        fleet: pki.PKIPaths) -> None:
+        fleet: Registered) -> None:
     week = report(fleet)
     assert week["devices_by_state"] == {"active": 6, "suspended": 1, "decommissioned": 1}
     assert week["pending_requests"] == 1
@@ -108,15 +125,15 @@ def test_report_counts_states_expiry_recoveries_and_devices_never_renewed(
     assert report(fleet, "--since", since)["issuances_since"]["bootstrap-reenroll"] == 1
 
 
-def test_report_for_people_and_its_argument_errors(fleet: pki.PKIPaths) -> None:
-    text = subprocess.run([DEVICE_PKI, "report", "--pki", str(fleet.base)],
+def test_report_for_people_and_its_argument_errors(fleet: Registered) -> None:
+    text = subprocess.run([DEVICE_PKI, "report", *fleet.options],
                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert "expiring within 7d: 2" in text and "never renewed: 4" in text
-    bad = subprocess.run([DEVICE_PKI, "report", "--pki", str(fleet.base), "--since", "soon"],
+    bad = subprocess.run([DEVICE_PKI, "report", *fleet.options, "--since", "soon"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "expected a duration" in bad.stderr
 
 
-def test_a_negative_window_is_refused(fleet: pki.PKIPaths) -> None:
+def test_a_negative_window_is_refused(fleet: Registered) -> None:
     with open_registry(fleet.registry) as registry, pytest.raises(ValueError):
         fleet_report(registry, NOW, -DAY, NOW)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,11 +25,14 @@ from provisioning.registry import (
     DeviceState,
     IssuanceKind,
     Registry,
+    RegistryLocation,
+    location,
     open_registry,
     public_key_fingerprint,
     registrar,
     serial_hex,
 )
+from simulator.postgres import PostgreSQL
 
 DAY = dt.timedelta(days=1)
 
@@ -43,9 +49,28 @@ def device_ca() -> pki.Authority:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with open_registry(tmp_path / "registry.sqlite3") as opened:
+def registry(registry_location: Path | str) -> Iterator[Registry]:
+    """Each test runs on both databases (conftest's ``registry_location``)."""
+    with open_registry(registry_location) as opened:
         yield opened
+
+
+def raw_execute(location: RegistryLocation, statement: str) -> None:
+    """One statement on the registry's database, behind the Registry's back."""
+    if isinstance(location, str):
+        with psycopg.connect(location, autocommit=True) as db:
+            db.execute(statement)
+        return
+    db = sqlite3.connect(location)
+    try:
+        db.execute(statement)
+        db.commit()
+    finally:
+        db.close()
+
+
+# What each database raises when a trigger refuses a statement.
+REFUSED = (sqlite3.IntegrityError, psycopg.errors.RaiseException)
 
 
 def bootstrap(factory: pki.Authority, device_id: str) -> x509.Certificate:
@@ -64,15 +89,88 @@ def test_the_database_is_wal_with_a_schema_version(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    with open_registry(tmp_path / "r.db"):
+def test_a_newer_schema_is_refused(registry_location: Path | str) -> None:
+    with open_registry(registry_location):
         pass
-    db = sqlite3.connect(tmp_path / "r.db")
-    db.execute("UPDATE schema_version SET version = 99")
-    db.commit()
-    db.close()
-    with pytest.raises(RegistryError, match="schema version 99"), open_registry(tmp_path / "r.db"):
+    with open_registry(registry_location):  # a second open migrates nothing
         pass
+    raw_execute(registry_location, "UPDATE schema_version SET version = 99")
+    with pytest.raises(RegistryError, match="schema version 99"), \
+            open_registry(registry_location):
+        pass
+
+
+def test_an_unreachable_database_is_a_registry_error(
+    tmp_path: Path, postgres: PostgreSQL,
+) -> None:
+    """The same error type whether the file's directory or the server's socket is missing."""
+    for where in (tmp_path / "gone" / "registry.sqlite3",
+                  f"postgresql://postgres@/registry?host={tmp_path / 'gone'}",
+                  postgres.url("no_such_database")):
+        with pytest.raises(RegistryError, match="cannot open the registry"), \
+                open_registry(where, busy_timeout=2):
+            pass
+
+
+def test_a_postgresql_connection_lost_between_transactions_is_opened_again(
+    postgres: PostgreSQL, factory: pki.Authority,
+) -> None:
+    """A database restart or a killed backend: the call that finds the connection gone is a
+    RegistryError (a request fails), the next one connects again."""
+    url = postgres.new_database()
+    with open_registry(url) as registry:
+        registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+        raw_execute(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(RegistryError):
+            registry.device("dev-1")
+        assert registry.device("dev-1") is not None
+        with registry.transaction():
+            registry.set_state("dev-1", DeviceState.SUSPENDED)
+        assert registry.states() == {"dev-1": DeviceState.SUSPENDED}
+
+
+def test_a_postgresql_url_is_told_from_a_path() -> None:
+    assert location("postgresql://est@db.example/registry") == \
+        "postgresql://est@db.example/registry"
+    assert location("postgres://est@/registry?host=/run/postgresql") == \
+        "postgres://est@/registry?host=/run/postgresql"
+    assert location("registry.sqlite3") == Path("registry.sqlite3")
+    assert location("/var/lib/postgresql/registry.db") == Path("/var/lib/postgresql/registry.db")
+
+
+def test_budget_decisions_of_concurrent_writers_are_serialized(
+    registry_location: Path | str, factory: pki.Authority, device_ca: pki.Authority,
+) -> None:
+    """What the EST service does on each of its connections: read the budget, sign, record,
+    in one transaction. Six writers, each on its own connection (several servers), a
+    budget of three: exactly three are issued, whichever database holds the registry."""
+    budget, writers = 3, 6
+    with open_registry(registry_location) as registry:
+        registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+    issued: list[bool] = []
+    start = threading.Barrier(writers)
+
+    def writer() -> None:
+        with open_registry(registry_location) as registry:
+            start.wait()
+            with registry.transaction():
+                now = dt.datetime.now(dt.UTC)
+                used = registry.issued_since("dev-1", IssuanceKind.RENEW, now - DAY)
+                time.sleep(0.02)  # signing: another writer would read the same count here
+                if len(used) < budget:
+                    registry.record_issuance("dev-1", operational(device_ca),
+                                             IssuanceKind.RENEW, when=now)
+                    issued.append(True)
+
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(issued) == budget
+    with open_registry(registry_location) as registry:
+        assert len(registry.issuances("dev-1")) == budget
 
 
 def test_registering_allowlists_the_device_and_records_its_bootstrap_certificate(
@@ -162,13 +260,12 @@ def test_a_failed_transaction_leaves_nothing(registry: Registry, factory: pki.Au
 
 
 def test_the_audit_log_is_append_only(registry: Registry, factory: pki.Authority,
-                                      tmp_path: Path) -> None:
+                                      registry_location: Path | str) -> None:
     registry.register_device("dev-1", bootstrap(factory, "dev-1"))
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
     for statement in ("UPDATE audit SET reason = 'nothing happened'", "DELETE FROM audit"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            db.execute(statement)
-    db.close()
+        with pytest.raises(REFUSED, match="append-only"):
+            raw_execute(registry_location, statement)
+    assert [entry.decision for entry in registry.audit_log()] == ["allowlisted"]
 
 
 def test_suspension_is_recorded_and_decommissioning_is_final(
@@ -253,14 +350,14 @@ def test_budgets_count_issuances_of_their_kind_not_audit_text(
 
 
 def test_issuances_are_append_only(registry: Registry, factory: pki.Authority,
-                                   device_ca: pki.Authority, tmp_path: Path) -> None:
+                                   device_ca: pki.Authority,
+                                   registry_location: Path | str) -> None:
     registry.register_device("dev-1", bootstrap(factory, "dev-1"))
     registry.record_issuance("dev-1", operational(device_ca), IssuanceKind.RENEW)
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
     for statement in ("UPDATE issuances SET kind = 'enroll'", "DELETE FROM issuances"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            db.execute(statement)
-    db.close()
+        with pytest.raises(REFUSED, match="append-only"):
+            raw_execute(registry_location, statement)
+    assert [row.kind for row in registry.issuances()] == [IssuanceKind.RENEW]
 
 
 # --- certificates are named by (issuer, serial) -------------------------------------------
@@ -460,12 +557,12 @@ def test_an_attestation_key_is_registered_replaced_and_audited(
 
 
 def test_the_registrar_records_device_and_attestation_key_in_one_step(
-    tmp_path: Path, factory: pki.Authority,
+    registry_location: Path | str, factory: pki.Authority,
 ) -> None:
-    register = registrar(tmp_path / "r.db")
+    register = registrar(registry_location)
     register("dev-ak", bootstrap(factory, "dev-ak"), None, AK)
     register("dev-plain", bootstrap(factory, "dev-plain"), None)
-    with open_registry(tmp_path / "r.db") as registry:
+    with open_registry(registry_location) as registry:
         assert registry.attestation_key("dev-ak") is not None
         assert registry.attestation_key("dev-plain") is None
     with pytest.raises(RegistryError):  # no device: neither is recorded
@@ -560,14 +657,14 @@ def test_the_attestation_key_certificate_is_recorded_with_the_ak(
 
 
 def test_the_registrar_records_an_attested_bootstrap_with_its_ak(
-    tmp_path: Path, factory: pki.Authority,
+    registry_location: Path | str, factory: pki.Authority,
 ) -> None:
     """The factory registers an AK only after it verified the AK's certification of the
     bootstrap key: that bootstrap certificate is recorded as attested, a plain one is not."""
-    register = registrar(tmp_path / "r.db")
+    register = registrar(registry_location)
     register("dev-ak", bootstrap(factory, "dev-ak"), None, AK)
     register("dev-plain", bootstrap(factory, "dev-plain"), None)
-    with open_registry(tmp_path / "r.db") as registry:
+    with open_registry(registry_location) as registry:
         assert [c.attested for c in registry.certificates("dev-ak")] == [True]
         assert [c.attested for c in registry.certificates("dev-plain")] == [False]
 
