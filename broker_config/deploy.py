@@ -221,6 +221,8 @@ def render_broker(
     bind: str = "127.0.0.1",
     registry: Path | None = None,
     force: bool = False,
+    backend_workers: int = 1,
+    max_queued_messages: int | None = None,
 ) -> BrokerLayout:
     """Render a complete broker directory from the PKI; returns its layout.
 
@@ -245,6 +247,7 @@ def render_broker(
         backend_identity=backend_identity, bind=bind, user=user,
         admin_identity=ADMIN_IDENTITY, dynsec_plugin=find_dynsec_plugin(),
         dynsec_config=layout.dynsec, pid_file=layout.pid_file, clientid_from_identity=True,
+        backend_workers=backend_workers, max_queued_messages=max_queued_messages,
     )
     make_dir(layout.base, Owner(0, owner.gid) if owner else None, 0o750)
     with crl_lock(layout.crl_lock):

@@ -45,6 +45,18 @@ class BrokerSettings:
     dynsec_config: Path | None = None
     pid_file: Path | None = None
     clientid_from_identity: bool = False
+    # Back-end subscribers beyond the first, each with its own certificate (the client ID is
+    # the CN): ``<backend_identity>-2`` .. ``-N``, for a monitor that shares its subscription.
+    backend_workers: int = 1
+    # Mosquitto's broker-wide queue per client (its default 1000): what a back-end session
+    # may fall behind by before the broker drops messages for it. Devices queue little.
+    max_queued_messages: int | None = None
+
+    def backend_identities(self) -> tuple[str, ...]:
+        if not self.backend_identity:
+            return ()
+        base = self.backend_identity
+        return (base, *(f"{base}-{n}" for n in range(2, self.backend_workers + 1)))
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -59,7 +71,12 @@ class BrokerSettings:
             raise ValueError("dynsec_plugin and dynsec_config go together")
         if self.admin_identity is not None and self.dynsec_plugin is None:
             raise ValueError("an admin identity needs the dynamic security plugin")
-        names = [n for n in (self.backend_identity, self.admin_identity) if n]
+        if not 1 <= self.backend_workers <= 64:
+            raise ValueError(f"backend_workers must be 1-64, got {self.backend_workers}")
+        if self.max_queued_messages is not None and self.max_queued_messages < 1:
+            raise ValueError("max_queued_messages must be positive")
+        names = [*self.backend_identities(), *([self.admin_identity] if self.admin_identity
+                                                else [])]
         if len(set(names)) != len(names):
             raise ValueError("the back-end and admin identities must differ")
 
@@ -68,9 +85,9 @@ def render_acl(settings: BrokerSettings) -> str:
     """Each device reads and writes under ``devices/<its CN>/``; the back end reads all
     telemetry and status and writes commands; the admin talks only to the plugin."""
     lines = ["# Devices: the certificate CN is the username.", "pattern readwrite devices/%u/#", ""]
-    if settings.backend_identity:
+    for backend in settings.backend_identities():
         lines += [
-            f"user {settings.backend_identity}",
+            f"user {backend}",
             "topic read devices/+/telemetry/#",
             "topic read devices/+/status",
             "topic write devices/+/commands/#",
@@ -107,6 +124,8 @@ def render_conf(settings: BrokerSettings, acl_file: Path) -> str:
     ]
     if settings.pid_file:
         lines.append(f"pid_file {settings.pid_file}")
+    if settings.max_queued_messages is not None:
+        lines.append(f"max_queued_messages {settings.max_queued_messages}")
     if settings.dynsec_plugin and settings.dynsec_config:
         lines += [f"plugin {settings.dynsec_plugin}",
                   f"plugin_opt_config_file {settings.dynsec_config}"]

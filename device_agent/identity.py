@@ -33,5 +33,9 @@ SERVICE_IDENTITIES = frozenset({"backend", "broker-admin"})
 """Names the broker grants service rights (broker_config): never a device's."""
 
 
+BACKEND_WORKER = re.compile(r"backend-[0-9]+")
+"""Further back-end subscribers (broker_config ``backend_workers``): never a device's either."""
+
+
 def is_service_identity(name: str) -> bool:
-    return name in SERVICE_IDENTITIES
+    return name in SERVICE_IDENTITIES or BACKEND_WORKER.fullmatch(name) is not None

@@ -142,15 +142,23 @@ class Fleet(contextlib.ExitStack):
         self.callback(_keep_copy, parent / "mosquitto.log", self.directory / "mosquitto.log")
         port = free_port()
         self.broker_layout = render_broker(self.pki, parent / "broker", port=port,
-                                           backend_identity=BACKEND_ID)
+                                           backend_identity=BACKEND_ID, **self.broker_limits())
         self.broker = self.enter_context(Mosquitto(parent, self.broker_layout.conf, port))
         self.backend = cert, key = self._backend_files()
-        self.monitor = self.enter_context(TimedMonitor(
-            port=port, cafile=self.pki.server_trust, cert=cert, key=key))
+        self.monitor = self._start_monitor(port, cert, key)
         step(f"back office up in {time.monotonic() - started:.1f}s: est-server :{self.est.port} "
              f"(recovery :{self.est.recovery_port}, {self.options.lifetime_s}s certificates, "
              f"key attestation {self.options.key_attestation}), mosquitto :{port}, "
              "monitor subscribed")
+
+    def broker_limits(self) -> dict[str, Any]:
+        """Extra ``render_broker`` settings (the swarm's back-end workers and queue)."""
+        return {}
+
+    def _start_monitor(self, port: int, cert: Path, key: Path) -> TimedMonitor:
+        """The independent subscriber (the swarm adds more, sharing one subscription)."""
+        return self.enter_context(TimedMonitor(port=port, cafile=self.pki.server_trust,
+                                               cert=cert, key=key))
 
     def _init_pki(self, directory: Path) -> pki.PKIPaths:
         """The operator's PKI: CAs, the registry beside them, the first CRL published by
@@ -161,14 +169,14 @@ class Fleet(contextlib.ExitStack):
         device_pki("crl", "--pki", str(paths.base))
         return paths
 
-    def _backend_files(self) -> tuple[Path, Path]:
+    def _backend_files(self, name: str = BACKEND_ID) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self.authority.issue_client(BACKEND_ID, key.public_key(), dt.timedelta(days=1))
+        cert = self.authority.issue_client(name, key.public_key(), dt.timedelta(days=1))
         directory = self.directory / "backend"
-        directory.mkdir()
-        return (write_private(directory / "backend.pem",
+        directory.mkdir(exist_ok=True)
+        return (write_private(directory / f"{name}.pem",
                               pki.cert_pem(cert, *self.authority.chain[:-1]), 0o644),
-                write_private(directory / "backend.key", pki.key_pem(key)))
+                write_private(directory / f"{name}.key", pki.key_pem(key)))
 
     def _devices(self) -> None:
         started = time.monotonic()
@@ -322,11 +330,19 @@ def parser() -> argparse.ArgumentParser:
     from .scenarios import SCENARIOS
 
     top = argparse.ArgumentParser(prog="fleet-sim", description=__doc__.splitlines()[0])
-    top.add_argument("--devices", type=int, required=True)
+    top.add_argument("--devices", type=int, help="real device-agent processes (or --swarm)")
+    top.add_argument("--swarm", type=int, metavar="N",
+                     help="SIMULATION: N devices in this one process (asyncio, file keys, "
+                          "no agent processes), scenarios steady and broker-restart")
+    top.add_argument("--monitors", type=int, default=4,
+                     help="swarm: back-end subscribers sharing the telemetry subscription")
+    top.add_argument("--reconnect-window", type=float, default=None,
+                     help="swarm: the agents' [mqtt] reconnect_window (default: the agent's)")
     top.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, "soak"]),
                      help="soak: seeded random faults over --duration, then a verdict")
-    top.add_argument("--duration", type=float, default=600.0,
-                     help="soak: seconds of faults and settling (default 600)")
+    top.add_argument("--duration", type=float, default=None,
+                     help="soak: seconds of faults and settling (default 600); "
+                          "swarm: seconds of steady telemetry (default 20)")
     top.add_argument("--seed", type=int, help="soak: the fault schedule's seed (default: random)")
     top.add_argument("--json", type=Path, help="write the report as JSON here")
     top.add_argument("--plot", type=Path, help="write a PNG plot here")
@@ -349,7 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scenarios import run
 
     args = parser().parse_args(argv)
+    if args.swarm is not None:
+        from .swarm_run import main_swarm
+
+        signal.signal(signal.SIGTERM, _interrupt)
+        return main_swarm(args)
+    if args.devices is None:
+        parser().error("--devices or --swarm is required")
     if args.scenario == "soak":
+        if args.duration is None:
+            args.duration = 600.0
         return _soak(args)
     try:
         options = FleetOptions(args.devices, args.lifetime or max(30, 10 + args.devices),
