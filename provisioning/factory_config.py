@@ -14,6 +14,7 @@ from cryptography import x509
 from device_agent.errors import ConfigError
 
 from . import pki
+from .registry import is_url
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ServiceConfig:
     [pki]
     directory = "/var/lib/device-pki"   # its factory-ca/ signs; nothing else is read
     passphrase_file = "/etc/device-pki/passphrase"   # optional
-    registry = "/var/lib/device-pki/registry.sqlite3"
+    registry = "/var/lib/device-pki/registry.sqlite3"   # or a postgresql:// URL
     [stations]
     directory = "/var/lib/factory-ca/stations"   # factory-ca init makes it
     [attestation]
@@ -42,7 +43,7 @@ class ServiceConfig:
     """
 
     pki_directory: Path
-    registry: Path
+    registry: Path | str  # a SQLite file, or a postgresql:// URL
     stations: Path
     host: str = "127.0.0.1"
     port: int = 9443
@@ -127,7 +128,8 @@ def load_config(path: str | Path) -> ServiceConfig:
         manufacturer_roots=certificates("manufacturer_roots"),
         manufacturer_intermediates=certificates("manufacturer_intermediates"),
         pki_directory=pki_dir, stations=stations,
-        registry=where("pki", "registry", False) or pki.PKIPaths(pki_dir).registry,
+        registry=(data["pki"]["registry"] if is_url(data.get("pki", {}).get("registry", ""))
+                  else where("pki", "registry", False) or pki.PKIPaths(pki_dir).registry),
         passphrase_file=where("pki", "passphrase_file", False),
         require_attestation=data.get("attestation", {}).get("required", False),
         **{key: value for key, value in server.items()})

@@ -282,7 +282,7 @@ class SigningService:
     """Decisions for one thread: the Factory CA and a registry connection per request
     (so an unreachable registry is noticed on the request that meets it: 503)."""
 
-    def __init__(self, signer: LocalFactoryCA, registry: Path, require_attestation: bool,
+    def __init__(self, signer: LocalFactoryCA, registry: Path | str, require_attestation: bool,
                  unavailable_retry_after: int = 5,
                  endorsement: EndorsementCheck | None = None) -> None:
         self.signer = signer

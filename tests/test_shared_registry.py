@@ -28,7 +28,7 @@ from cryptography import x509
 from device_agent.errors import ESTError
 from device_agent.est import ESTClient
 from device_agent.tls import client_context
-from provisioning import est_config, pki
+from provisioning import est_config, factory_config, pki
 from provisioning.registry import CertKind, DeviceState, IssuanceKind, open_registry, serial_hex
 from simulator.postgres import PostgreSQL
 
@@ -50,10 +50,13 @@ pytestmark = pytest.mark.integration
 def test_the_config_takes_a_url_where_a_path_is_given(tmp_path: Path, given: str) -> None:
     path = tmp_path / "est.toml"
     path.write_text(f'[pki]\ndirectory = "pki"\nregistry = "{given}"\n')
-    registry = est_config.load(path).registry
+    (tmp_path / "factory.toml").write_text(
+        f'[pki]\ndirectory = "pki"\nregistry = "{given}"\n[stations]\ndirectory = "st"\n')
     url = given.startswith("postgres")
-    assert registry == (given if url else tmp_path / given)
-    assert isinstance(registry, str) == url
+    for registry in (est_config.load(path).registry,
+                     factory_config.load_config(tmp_path / "factory.toml").registry):
+        assert registry == (given if url else tmp_path / given)
+        assert isinstance(registry, str) == url
 
 DEVICES = 90
 CLIENTS = 16
