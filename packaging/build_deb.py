@@ -88,6 +88,7 @@ PACKAGES = {
         commands=("est-server", "device-pki", "broker-config", "factory-ca"),
         files={
             "/usr/lib/systemd/system/est-server.service": SERVER_DATA / "est-server.service",
+            "/usr/lib/systemd/system/factory-ca.service": SERVER_DATA / "factory-ca.service",
             "/usr/lib/systemd/system/device-crl-refresh.service":
                 SERVER_DATA / "device-crl-refresh.service",
             "/usr/lib/systemd/system/device-crl-refresh.timer":

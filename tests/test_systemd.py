@@ -142,7 +142,8 @@ def systemd_analyze() -> str:
 
 
 @pytest.mark.parametrize("package,unit", [("device_agent", UNIT),
-                                          ("provisioning", "est-server.service")])
+                                          ("provisioning", "est-server.service"),
+                                          ("provisioning", "factory-ca.service")])
 def test_unit_security_exposure_is_at_most_2(tmp_path: Path, package: str, unit: str) -> None:
     target = tmp_path / unit
     target.write_bytes(resources.files(package).joinpath("data", unit).read_bytes())
@@ -174,14 +175,14 @@ def test_unit_keeps_the_agreed_contract() -> None:
         assert line in text.splitlines(), line
 
 
-BACK_OFFICE_UNITS = ("est-server.service", "device-crl-refresh.service",
+BACK_OFFICE_UNITS = ("est-server.service", "factory-ca.service", "device-crl-refresh.service",
                      "device-crl-refresh.timer")
 
 
 def test_back_office_units_verify_cleanly(tmp_path: Path) -> None:
     """The server package's units, against a throwaway root like the agent's."""
     verify_in_root(tmp_path / "root", "provisioning", BACK_OFFICE_UNITS,
-                   ("est-server", "device-pki", "broker-config"))
+                   ("est-server", "factory-ca", "device-pki", "broker-config"))
 
 
 def verify_in_root(root: Path, package: str, units: tuple[str, ...],
