@@ -13,12 +13,14 @@ only at start: a file ``<issuer hash>.r<N>`` with the next free N is read by the
 next handshake, and of the CRLs it holds for one issuer OpenSSL uses a current
 one with the latest thisUpdate. ``crlfile`` stays (it turns CRL checking on and
 is what a starting broker reads first). Files are only added while the broker
-runs (its lookup continues from the last N it read); a broker that is not running
-gets the directory emptied, so it starts from the CRL file alone.
+runs (its lookup continues from the last N it read), and only when they add
+something: a broker keeps every CRL it has read until it restarts. A broker that
+is not running gets the directory emptied, so it starts from the CRL file alone.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from pathlib import Path
 
@@ -99,10 +101,25 @@ def issuer_hash(crl_pem: bytes) -> str:
     return f"{int.from_bytes(digest[:4], 'little'):08x}"
 
 
+def adds_something(latest_pem: bytes, new_pem: bytes, now: dt.datetime) -> bool:
+    """Whether a running broker needs ``new_pem`` beside ``latest_pem`` (the last CRL it was
+    given): other revoked serials, or the latest past half its lifetime. The broker keeps
+    every CRL it reads until it restarts, so an hourly re-issue of a 7-day CRL is added
+    every 3.5 days, a revocation at once."""
+    latest, new = x509.load_pem_x509_crl(latest_pem), x509.load_pem_x509_crl(new_pem)
+    if {r.serial_number for r in latest} != {r.serial_number for r in new}:
+        return True
+    ends = latest.next_update_utc
+    if ends is None:
+        return True
+    return ends - now < (ends - latest.last_update_utc) / 2
+
+
 def publish(directory: Path, crl_pem: bytes, owner: Owner | None, mode: int, *,
-            empty_first: bool) -> Path:
-    """Add ``crl_pem`` as the issuer's next ``.rN`` file; ``empty_first`` (the broker is
-    not running) removes every CRL there before. Returns the file written."""
+            empty_first: bool, now: dt.datetime | None = None) -> Path | None:
+    """Add ``crl_pem`` as the issuer's next ``.rN`` file, unless it adds nothing to the last
+    one (:func:`adds_something`); ``empty_first`` (the broker is not running) removes every
+    CRL there before. Returns the file written, None if none was."""
     if empty_first:
         for old in directory.glob("*.r[0-9]*"):
             old.unlink(missing_ok=True)
@@ -110,4 +127,12 @@ def publish(directory: Path, crl_pem: bytes, owner: Owner | None, mode: int, *,
     index = 0
     while (directory / f"{prefix}.r{index}").exists():
         index += 1
+    if index:
+        try:
+            needed = adds_something((directory / f"{prefix}.r{index - 1}").read_bytes(),
+                                    crl_pem, now or dt.datetime.now(dt.UTC))
+        except (OSError, ValueError):  # the last one unreadable: the new one is needed
+            needed = True
+        if not needed:
+            return None
     return install(directory / f"{prefix}.r{index}", crl_pem, owner, mode)

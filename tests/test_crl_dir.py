@@ -32,12 +32,18 @@ NAMES = {
 }
 
 
-def crl_pem(issuer: x509.Name) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    crl = (x509.CertificateRevocationListBuilder().issuer_name(issuer).last_update(now)
-           .next_update(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
-    return crl.public_bytes(serialization.Encoding.PEM)
+KEY = ec.generate_private_key(ec.SECP256R1())
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+DAY = dt.timedelta(days=1)
+
+
+def crl_pem(issuer: x509.Name, revoked: tuple[int, ...] = (), at: dt.datetime = NOW) -> bytes:
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer).last_update(at)
+               .next_update(at + DAY))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build())
+    return builder.sign(KEY, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 @pytest.mark.parametrize("issuer", NAMES.values(), ids=NAMES.keys())
@@ -49,13 +55,31 @@ def test_the_issuer_hash_is_openssls(issuer: x509.Name) -> None:
 
 
 def test_files_are_numbered_on_and_a_stopped_broker_starts_from_none(tmp_path: Path) -> None:
-    first, second = crl_pem(NAMES["plain"]), crl_pem(NAMES["plain"])
+    first = crl_pem(NAMES["plain"])
+    second = crl_pem(NAMES["plain"], (7,), NOW + dt.timedelta(seconds=1))
     prefix = issuer_hash(first)
-    publish(tmp_path, first, None, 0o640, empty_first=False)
-    publish(tmp_path, second, None, 0o640, empty_first=False)
+    assert publish(tmp_path, first, None, 0o640, empty_first=False, now=NOW)
+    assert publish(tmp_path, second, None, 0o640, empty_first=False, now=NOW)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{prefix}.r0", f"{prefix}.r1"]
     assert (tmp_path / f"{prefix}.r1").read_bytes() == second
     assert (tmp_path / f"{prefix}.r1").stat().st_mode & 0o777 == 0o640
-    publish(tmp_path, first, None, 0o640, empty_first=True)
+    publish(tmp_path, first, None, 0o640, empty_first=True, now=NOW)
     assert [p.name for p in tmp_path.iterdir()] == [f"{prefix}.r0"]
     assert (tmp_path / f"{prefix}.r0").read_bytes() == first
+
+
+def test_a_running_broker_gets_a_crl_only_when_it_adds_something(tmp_path: Path) -> None:
+    """The broker keeps every CRL it reads: an hourly re-issue with the same entries is
+    added only once the last one is past half its lifetime; a new revocation at once."""
+    plain = NAMES["plain"]
+    prefix = issuer_hash(crl_pem(plain))
+    publish(tmp_path, crl_pem(plain, (1,)), None, 0o640, empty_first=False, now=NOW)
+    hour = dt.timedelta(hours=1)
+    assert publish(tmp_path, crl_pem(plain, (1,), NOW + hour), None, 0o640,
+                   empty_first=False, now=NOW + hour) is None
+    assert publish(tmp_path, crl_pem(plain, (1, 2), NOW + 2 * hour), None, 0o640,
+                   empty_first=False, now=NOW + 2 * hour) is not None
+    later = NOW + 2 * hour + DAY / 2 + hour  # the last one past half its lifetime
+    assert publish(tmp_path, crl_pem(plain, (1, 2), later), None, 0o640,
+                   empty_first=False, now=later) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{prefix}.r{n}" for n in range(3)]
