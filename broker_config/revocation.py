@@ -4,12 +4,14 @@ A new CRL goes to the broker's CRL file and to its hashed CRL directory, which
 OpenSSL reads at every handshake (crl_dir.py): new handshakes with a revoked
 certificate fail at once, with no reload. The broker is never sent SIGHUP: on
 Mosquitto 2.0 a reload throws away offline persistent sessions and corrupts its
-session-expiry list (crl_dir.py says how). Live sessions are untouched by a CRL;
-the dynamic security plugin ends them: its ``disableClient`` kicks every session
-whose username (our certificate CN) matches. With ``use_identity_as_username`` the
-plugin is never asked to authenticate, so "disabled" alone would not stop a
-reconnect; the CRL does that, and the deny-all role given to the revoked name is
-the second wall.
+session-expiry list (crl_dir.py says how); only a broker rendered before the CRL
+directory existed is still reloaded, with a warning to render it again.
+
+Live sessions are untouched by a CRL; the dynamic security plugin ends them: its
+``disableClient`` kicks every session whose username (our certificate CN) matches.
+With ``use_identity_as_username`` the plugin is never asked to authenticate, so
+"disabled" alone would not stop a reconnect; the CRL does that, and the deny-all
+role given to the revoked name is the second wall.
 
 Order matters: CRL first, then the kick, so the device's reconnect meets the CRL.
 OpenSSL picks, among current CRLs of one issuer, the one with the latest
@@ -26,7 +28,9 @@ told from a running one by the process's start time.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +48,8 @@ from .errors import BrokerConfigError, RevocationError
 
 if TYPE_CHECKING:
     from provisioning.registry import DeviceState
+
+log = logging.getLogger(__name__)
 
 REVOKED_ROLE = "revoked"
 _DENY_ALL = [{"acltype": kind, "topic": "#", "priority": 0, "allow": False}
@@ -96,8 +102,29 @@ def install_crl(layout: BrokerLayout, crl_pem: bytes) -> None:
     stat = layout.crl.stat()
     owner, mode = Owner(stat.st_uid, stat.st_gid), stat.st_mode & 0o777
     install(layout.crl, crl_pem, owner, mode)
-    make_dir(layout.crl_dir, owner, 0o750)
+    if not layout.crl_dir.is_dir():
+        make_dir(layout.crl_dir, owner, 0o750)
     publish(layout.crl_dir, crl_pem, owner, mode, empty_first=running_pid(layout) is None)
+
+
+def reads_crl_dir(layout: BrokerLayout) -> bool:
+    """Whether the broker's configuration names the hashed CRL directory (rendered since it
+    exists); one rendered before reads a new CRL only when reloaded."""
+    try:
+        return f"capath {layout.crl_dir}" in layout.conf.read_text().splitlines()
+    except OSError:
+        return False
+
+
+def _reload_legacy(layout: BrokerLayout, pid: int) -> None:
+    """SIGHUP for a broker rendered before the CRL directory, with the warning it deserves."""
+    log.warning("%s was rendered without the CRL directory: reloading it (a reload drops "
+                "offline sessions); run broker-config render and restart the broker",
+                layout.conf)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "reload") from exc
 
 
 def replace_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
@@ -245,6 +272,8 @@ def enforce(broker_dir: Path, device_id: str, crl_pem: bytes, *, serial: int | N
     pid = running_pid(layout)
     if pid is None:
         return Enforcement(device_id, crl_number(crl), None, time.monotonic() - started)
+    if not reads_crl_dir(layout):
+        _reload_legacy(layout, pid)
     run_commands(layout, device_id,
                  block_commands(device_id) if keep_banned else end_commands(device_id), timeout)
     return Enforcement(device_id, crl_number(crl), pid, time.monotonic() - started)
@@ -263,6 +292,8 @@ def refresh_crl(broker_dir: Path, crl_pem: bytes, *, expiries: ExpiryLookup | No
     pid = running_pid(layout)
     if pid is None:
         return Refreshed(changed, running=False)
+    if changed and not reads_crl_dir(layout):
+        _reload_legacy(layout, pid)
     banned, lifted = follow_registry(layout, states, timeout) if states is not None else ((), ())
     return Refreshed(changed, True, banned, lifted)
 

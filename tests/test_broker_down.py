@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,24 @@ def test_an_installed_crl_bites_on_the_next_handshake_without_a_reload(
         revocation.install_crl(layout, office.paths.crl.read_bytes())
         assert refused(port, office.paths.server_trust, dev)
         assert popen.poll() is None and mosquitto.process.popen is popen
+
+
+def test_a_broker_rendered_before_the_crl_directory_is_still_reloaded(
+    office: Office, broker_parent: Path,  # noqa: F811
+) -> None:
+    """An upgrade that leaves the broker's old configuration (no ``capath``) must not leave
+    it with a CRL that never reaches it: the refresh reloads such a broker, as before."""
+    dev = office.device("down-3")
+    port, out = free_port(), broker_parent / "broker"
+    render(office, out, port)
+    layout = BrokerLayout(out)
+    conf = layout.conf.read_text()  # what a render before the CRL directory wrote
+    layout.conf.write_text(conf.replace(f"capath {layout.crl_dir}\n", ""))
+    assert not revocation.reads_crl_dir(layout)
+    with Mosquitto(broker_parent, out / "mosquitto.conf", port):
+        refresh(office, out)
+        assert connack(port, office.paths.server_trust, dev) == CONNACK_ACCEPTED
+        office.revoke(dev)
+        refresh(office, out)
+        time.sleep(0.5)  # the reload is applied at the end of the broker's loop turn
+        assert refused(port, office.paths.server_trust, dev)
