@@ -272,6 +272,10 @@ class Controller:
         elif isinstance(outcome, Refused):
             self._refused_by_est(outcome, out)
         else:
+            if outcome.work is Work.RENEW:
+                # no answer: the listener's "not expired" may no longer hold (a certificate
+                # that expired since fails the handshake); the clock decides again
+                self._renew_instead = False
             self._back_off(outcome.retry_after, f"{outcome.work.value} failed: {outcome.error}",
                            out)
         self._settle()

@@ -352,6 +352,25 @@ def test_recovery_answering_not_expired_renews_instead_never_the_bootstrap() -> 
     assert starts(ctl.tick(AWAY)) == [Work.RENEW]
 
 
+def test_not_expired_is_forgotten_when_the_renewal_gets_no_answer() -> None:
+    """Issue 14's soak, seed 2: a clock a day ahead sent the agent to the recovery listener,
+    which said "not expired", so it renewed instead; the renewal got no answer, and once the
+    clock was set right and the certificate had really expired, every renewal failed in the
+    handshake while "renew instead" stuck: stranded. A renewal without an answer now
+    forgets the listener's verdict, and the expired certificate goes to recovery."""
+    world = World()
+    ctl = running(world)
+    world.step(world.wall + 24 * HOUR)
+    world.wait(3 * 3600)  # past the "obtained moments ago" guard
+    assert starts(ctl.tick(AWAY)) == [Work.RECOVER]
+    ctl.result(Refused(Work.RECOVER, 401, "has not expired"))
+    assert starts(ctl.tick(AWAY)) == [Work.RENEW]
+    ctl.result(Failed(Work.RENEW, "Remote end closed connection without response"))
+    world.step(world.wall - 24 * HOUR)
+    world.wait(10 * 3600)  # now it has expired
+    assert starts(ctl.tick(AWAY)) == [Work.RECOVER]
+
+
 def test_recovery_past_grace_falls_back_to_the_bootstrap() -> None:
     world = World()
     ctl = running(world)
