@@ -8,14 +8,13 @@ certificate, recovered, re-enrolled with its bootstrap: four certificates for on
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from device_agent._files import write_private
+from broker_config import revocation
 from device_agent.agent import SWITCH_TIMEOUT
 from provisioning import pki
 from provisioning.registry import CertKind
@@ -87,15 +86,14 @@ def test_a_brokers_expired_alert_for_a_valid_certificate_is_the_brokers_problem(
     """
     with rendered_broker(pki_dir) as own, \
             running_est_server(tmp_path / "est", pki_dir, certificate_lifetime="1h") as est:
-        crl = own.layout.crl
-        owner = crl.stat()
         authority = pki.read_authority(pki_dir.device_ca)
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         lapsing = pki.build_crl(authority, [], 2, now, lifetime=dt.timedelta(seconds=2))
-        write_private(crl, lapsing.public_bytes(serialization.Encoding.PEM), 0o640)
-        os.chown(crl, owner.st_uid, owner.st_gid)
+        own.mosquitto.stop()
+        # the shipped installer: a stopped broker's CRL directory holds this CRL alone
+        revocation.install_crl(own.layout, lapsing.public_bytes(serialization.Encoding.PEM))
         time.sleep(3)
-        own.mosquitto.restart()  # reads only the CRL that has now passed nextUpdate
+        own.mosquitto.start()  # reads only the CRL that has now passed nextUpdate
         device = factory_device(tmp_path / "dev", "crl-victim", swtpm, pki_dir,
                                 est, own.mosquitto)
         with device as agent:
