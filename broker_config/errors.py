@@ -12,8 +12,11 @@ class BrokerConfigError(IdentityError):
 class RevocationError(BrokerConfigError):
     """A revocation could not be enforced on the running broker.
 
-    ``step`` names what failed (``crl``, ``reload``, ``kick``) so the caller
-    knows whether the device may still hold a session.
+    ``step`` names what failed so the caller knows whether the device may still
+    hold a session: ``crl`` (the CRL was refused: nothing installed), ``pid-file``
+    (the broker's pid file could not be read, or names no running broker),
+    ``signal`` (the SIGHUP a legacy broker without the CRL directory gets failed),
+    ``kick`` (the plugin did not end the device's sessions).
     """
 
     def __init__(self, message: str, step: str) -> None:

@@ -124,7 +124,7 @@ def _reload_legacy(layout: BrokerLayout, pid: int) -> None:
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
-        raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "reload") from exc
+        raise RevocationError(f"cannot signal broker {pid}: {exc.strerror}", "signal") from exc
 
 
 def replace_crl(layout: BrokerLayout, crl_pem: bytes, serial: int | None = None, *,
@@ -154,7 +154,7 @@ def running_pid(layout: BrokerLayout) -> int | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise RevocationError(f"cannot read {layout.pid_file}: {exc}", "reload") from exc
+        raise RevocationError(f"cannot read {layout.pid_file}: {exc}", "pid-file") from exc
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         started = _process_started(pid)
@@ -175,7 +175,7 @@ def broker_pid(layout: BrokerLayout) -> int:
     """The running broker's pid; raises if none is running."""
     pid = running_pid(layout)
     if pid is None:
-        raise RevocationError(f"no running broker for {layout.base}", "reload")
+        raise RevocationError(f"no running broker for {layout.base}", "pid-file")
     return pid
 
 

@@ -163,6 +163,13 @@ def endorsement_key(tpm: TPM, endorsement: Endorsement) -> Iterator[tuple[ESYS_T
             _run("flush the endorsement key", lambda: esapi.flush_context(handle))
 
 
+def endorsement_public(tpm: TPM, endorsement: Endorsement) -> bytes:
+    """The EK's public area (marshalled TPMT_PUBLIC), recreated from its template; the
+    EK is flushed before this returns."""
+    with endorsement_key(tpm, endorsement) as (_, public):
+        return public
+
+
 def create_attestation_key(tpm: TPM) -> AttestationKeyBlob:
     """A new AK, generated in the TPM under the SRK."""
     with tpm.lock:

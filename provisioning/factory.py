@@ -46,7 +46,7 @@ from device_agent.attest import (
     activate_credential,
     attested_csr,
     create_attestation_key,
-    endorsement_key,
+    endorsement_public,
     read_endorsement,
 )
 from device_agent.config import (
@@ -245,8 +245,7 @@ def attest_tpm(tpm: KeyStore, device_id: str, line: LineSettings,
     try:
         endorsement = read_endorsement(tpm)
         certificate = x509.load_der_x509_certificate(endorsement.certificate)
-        with endorsement_key(tpm, endorsement) as (_, ek_public):
-            pass  # recreated for its public area only
+        ek_public = endorsement_public(tpm, endorsement)
         ak = create_attestation_key(tpm)
         ek, ak_public = verify_endorsement(certificate, ek_public, ak.public_area,
                                            line.manufacturer_roots,

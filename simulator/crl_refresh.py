@@ -15,13 +15,14 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from cryptography import x509
+
+from .periodic import Periodic
 
 BIN = Path(sys.executable).parent
 UNIT = "device-crl-refresh.service"
@@ -60,16 +61,14 @@ class CRLRefresher:
         self.commands, self.period, self.log = commands, period, log
         self.runs = self.failures = 0
         self.last_failure = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="crl-refresh", daemon=True)
+        self._periodic = Periodic("crl-refresh", period, self._run, join_timeout=60)
 
     def __enter__(self) -> CRLRefresher:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
+        self._periodic.stop()
 
     def run_once(self) -> bool:
         with open(self.log, "a") as out:
@@ -82,11 +81,10 @@ class CRLRefresher:
                     return False
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            ok = self.run_once()
-            self.runs += 1
-            self.failures += not ok
+    def _run(self) -> None:
+        ok = self.run_once()
+        self.runs += 1
+        self.failures += not ok
 
 
 def next_update(path: Path) -> dt.datetime | None:
@@ -136,31 +134,31 @@ class CRLWatch:
         self.probe = probe
         self.lapsed_s = self.file_lapsed_s = 0.0
         self.windows: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="crl-watch", daemon=True)
+        self._last = time.monotonic()
+        self._periodic = Periodic("crl-watch", period, self._look, first=self._start)
 
     def __enter__(self) -> CRLWatch:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        self._periodic.stop()
 
-    def _loop(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(self.period):
-            now = time.monotonic()
-            expires = next_update(self.crl)
-            file_lapsed = (expires is not None and self.broker_running()
-                           and dt.datetime.now(dt.UTC) > expires)
-            self.file_lapsed_s += (now - last) if file_lapsed else 0.0
-            held = self.probe() if self.probe is not None else file_lapsed
-            if held:
-                self.lapsed_s += now - last
-                at = self.clock()
-                if self.windows and at - self.windows[-1][1] <= 3 * self.period:
-                    self.windows[-1] = (self.windows[-1][0], at)
-                else:
-                    self.windows.append((at - (now - last), at))
-            last = now
+    def _start(self) -> None:
+        self._last = time.monotonic()
+
+    def _look(self) -> None:
+        last, now = self._last, time.monotonic()
+        expires = next_update(self.crl)
+        file_lapsed = (expires is not None and self.broker_running()
+                       and dt.datetime.now(dt.UTC) > expires)
+        self.file_lapsed_s += (now - last) if file_lapsed else 0.0
+        held = self.probe() if self.probe is not None else file_lapsed
+        if held:
+            self.lapsed_s += now - last
+            at = self.clock()
+            if self.windows and at - self.windows[-1][1] <= 3 * self.period:
+                self.windows[-1] = (self.windows[-1][0], at)
+            else:
+                self.windows.append((at - (now - last), at))
+        self._last = now

@@ -360,6 +360,35 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_in_work_directory(prefix: str, keep: bool, body: Callable[[Path], bool], *,
+                          refusals: tuple[type[Exception], ...] = ()) -> int:
+    """The run wrapper of every fleet-sim mode; the exit code.
+
+    ``body`` runs in a new work directory and says whether the run passed: 0 if it
+    did, 1 if not, 2 for one of ``refusals`` (said as ``fleet-sim: ...``), 130 on
+    Ctrl-C or SIGTERM (``body`` has stopped what it started by then). The directory
+    is kept with ``keep`` or when the run did not pass, and removed otherwise.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    ok = False
+    try:
+        ok = body(directory)
+        return 0 if ok else 1
+    except refusals as exc:
+        print(f"fleet-sim: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        step("interrupted: every process stopped")
+        return 130
+    finally:
+        if keep or not ok:
+            step(f"work directory kept: {directory}")
+        else:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(directory, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .report import build_report, print_table, write_json, write_plot
     from .scenarios import run
@@ -368,7 +397,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.swarm is not None:
         from .swarm_run import main_swarm
 
-        signal.signal(signal.SIGTERM, _interrupt)
         return main_swarm(args)
     if args.devices is None:
         parser().error("--devices or --swarm is required")
@@ -383,10 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    directory = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
-    ok = False
-    try:
+
+    def scenario(directory: Path) -> bool:
         with Fleet(directory, options) as fleet:
             findings = run(fleet, args.scenario)
             report = build_report(fleet, findings, args.scenario, mode=args.keystore)
@@ -395,38 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(report, args.json)
         if args.plot:
             write_plot(fleet, report, args.plot)
-        ok = not report["failures"]
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        step("interrupted: every process stopped")
-        return 130
-    finally:
-        if args.keep or not ok:
-            step(f"work directory kept: {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        return not report["failures"]
+
+    return run_in_work_directory("fleet-sim-", args.keep, scenario)
 
 
 def _soak(args: argparse.Namespace) -> int:
     from .soak_run import main_soak
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    directory = Path(tempfile.mkdtemp(prefix="fleet-soak-"))
-    ok = False
-    try:
-        ok = main_soak(args, directory)
-        return 0 if ok else 1
-    except ValueError as exc:
-        print(f"fleet-sim: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        step("interrupted: every process stopped")
-        return 130
-    finally:
-        if args.keep or not ok:
-            step(f"work directory kept: {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+    return run_in_work_directory("fleet-soak-", args.keep,
+                                 lambda directory: main_soak(args, directory),
+                                 refusals=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .monitor import TelemetryMonitor
+from .periodic import Periodic
 
 
 class TimedMonitor(TelemetryMonitor):
@@ -40,26 +40,23 @@ class Sample:
 
 
 class Sampler:
-    """A thread sampling the connected count once a second until stopped."""
+    """A thread sampling the connected count once a second until stopped (the first
+    sample at once)."""
 
     def __init__(self, t0: float, connected: Callable[[], int], received: Callable[[], int],
                  period: float = 1.0) -> None:
         self.t0, self.period = t0, period
         self._connected, self._received = connected, received
         self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._periodic = Periodic("sampler", period, self._sample, first=self._sample)
 
     def __enter__(self) -> Sampler:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(Sample(time.monotonic() - self.t0, self._connected(),
-                                       self._received()))
-            self._stop.wait(self.period)
+    def _sample(self) -> None:
+        self.samples.append(Sample(time.monotonic() - self.t0, self._connected(),
+                                   self._received()))

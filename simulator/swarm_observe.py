@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .observe import TimedMonitor
+from .periodic import Periodic
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 SATURATED = 90.0  # % of one core: a single-threaded process (Mosquitto, the GIL) is full
 MACHINE_SATURATED = 95.0  # % of all cores
 DROPPED = re.compile(r"Outgoing messages are being dropped for client (\S+)")
+
+Reading = tuple[float, dict[str, float], tuple[float, float]]  # (monotonic, CPU s, machine)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -69,30 +71,31 @@ class CPUSampler:
     rss_peak: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._last: Reading = (0.0, {}, (0.0, 0.0))
+        self._periodic = Periodic("cpu-sampler", 1.0, self._sample, first=self._baseline,
+                                  join_timeout=5)
 
     def __enter__(self) -> CPUSampler:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        last = self._read()
-        while not self._stop.wait(1.0):
-            now = self._read()
-            span = now[0] - last[0]
-            shares = {name: 100 * (now[1][name] - last[1].get(name, now[1][name])) / span
-                      for name in now[1]}
-            busy = now[2][1] - last[2][1]
-            shares["machine"] = 100 * (now[2][0] - last[2][0]) / busy if busy else 0.0
-            self.samples.append((now[0] - self.t0, shares))
-            last = now
+    def _baseline(self) -> None:
+        self._last = self._read()
 
-    def _read(self) -> tuple[float, dict[str, float], tuple[float, float]]:
+    def _sample(self) -> None:
+        last, now = self._last, self._read()
+        span = now[0] - last[0]
+        shares = {name: 100 * (now[1][name] - last[1].get(name, now[1][name])) / span
+                  for name in now[1]}
+        busy = now[2][1] - last[2][1]
+        shares["machine"] = 100 * (now[2][0] - last[2][0]) / busy if busy else 0.0
+        self.samples.append((now[0] - self.t0, shares))
+        self._last = now
+
+    def _read(self) -> Reading:
         seconds = {}
         for name, pids in self.groups.items():
             found = pids()

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ from provisioning import pki
 from provisioning.factory import BOOTSTRAP_LIFETIME
 from provisioning.registry import open_registry
 
-from .fleet import BACKEND_ID, MAX_FILE_DEVICES, Fleet, FleetOptions, step
+from .fleet import BACKEND_ID, MAX_FILE_DEVICES, Fleet, FleetOptions, run_in_work_directory, step
 from .observe import TimedMonitor
 from .report import percentile, write_json
 from .swarm import SwarmDevice, SwarmSettings, SwarmStats, bootstrap_identity, run_swarm
@@ -390,9 +387,8 @@ def main_swarm(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     step(f"{SIMULATION} (open files: {limit})")
-    directory = Path(tempfile.mkdtemp(prefix="fleet-swarm-"))
-    ok = False
-    try:
+
+    def swarm(directory: Path) -> bool:
         with SwarmFleet(directory, options) as fleet:
             fleet.wall0 = time.time()
             fleet.t0 = time.monotonic()
@@ -407,14 +403,6 @@ def main_swarm(args: argparse.Namespace) -> int:
         print_summary(report)
         if args.json:
             write_json(report, args.json)
-        ok = not report["failures"]
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        step("interrupted: every process stopped")
-        return 130
-    finally:
-        if args.keep or not ok:
-            step(f"work directory kept: {directory}")
-        else:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(directory, ignore_errors=True)
+        return not report["failures"]
+
+    return run_in_work_directory("fleet-swarm-", args.keep, swarm)
