@@ -8,9 +8,9 @@ What MQTT or the broker could not carry is refused here, before it reaches the
 outbox, so no caller can put a message at the head of the queue that blocks all
 others: a topic too long or with characters outside ``[A-Za-z0-9_-]``, a payload
 over ``[api] max_payload`` bytes, a line over 256 KiB (refused whole, its tail is
-never read as a request of its own), JSON nested too deep. One event-loop thread
-serves every connection (idle clients cost a coroutine, not a thread; the listen
-backlog is 1024).
+never read as a request of its own), JSON nested too deep. One thread with a
+selector serves every connection (an idle client costs a buffer, not a thread; the
+listen backlog is 1024).
 
 A client may send its next lines before the first answer: up to ``PIPELINE``
 lines per connection are in flight at once, and the answers come back in the
@@ -21,15 +21,19 @@ next one, and a line is answered ``ok`` only when that transaction is durable.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import functools
 import grp
 import json
 import logging
 import os
 import re
+import selectors
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -88,27 +92,7 @@ def parse_request(line: bytes | None, max_payload: int) -> Draft:
     return draft
 
 
-async def request_lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes | None]:
-    """Lines from ``reader``; ``None`` for a line over MAX_LINE, which is skipped whole."""
-    buffer = bytearray()
-    skipping = False
-    while chunk := await reader.read(READ_CHUNK):
-        buffer += chunk
-        while (end := buffer.find(b"\n")) >= 0:
-            line = bytes(buffer[:end])
-            del buffer[:end + 1]
-            yield None if skipping or len(line) > MAX_LINE else line
-            skipping = False
-        if len(buffer) > MAX_LINE:
-            buffer.clear()
-            skipping = True
-    if skipping:
-        yield None
-    elif buffer.strip():
-        yield bytes(buffer)
-
-
-def answer_of(outcome: asyncio.Future[Message]) -> bytes:
+def answer_of(outcome: Future[Message]) -> bytes:
     """The answer line for a request whose outcome is settled."""
     try:
         return b'{"ok": true, "seq": %d}\n' % outcome.result().seq
@@ -116,8 +100,48 @@ def answer_of(outcome: asyncio.Future[Message]) -> bytes:
         return json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n"
 
 
+class _Client:
+    """One connection: bytes read and not yet taken as lines, the outcomes of its lines in
+    their order, the answers not yet written."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = bytearray()
+        self.skipping = False  # inside a line over MAX_LINE: its tail is no request
+        self.pending: deque[Future[Message]] = deque()
+        self.outbox = bytearray()
+        self.eof = False
+        self.gone = False  # the client no longer reads: its lines are stored, not answered
+        self.events = 0
+
+    def lines(self) -> Iterator[bytes | None]:
+        """The complete lines in the buffer (``None`` for one over MAX_LINE), while the
+        caller takes them; at end of file, what is left as a last line."""
+        while (end := self.inbox.find(b"\n")) >= 0:
+            line = bytes(self.inbox[:end])
+            del self.inbox[:end + 1]
+            skipped, self.skipping = self.skipping, False
+            yield None if skipped or len(line) > MAX_LINE else line
+        if len(self.inbox) > MAX_LINE:
+            self.inbox.clear()
+            self.skipping = True
+        if self.eof:
+            line, skipped = bytes(self.inbox), self.skipping
+            self.inbox.clear()
+            self.skipping = False
+            if skipped:
+                yield None
+            elif line.strip():
+                yield line
+
+    @property
+    def finished(self) -> bool:
+        return self.eof and not self.pending and not self.inbox and not self.outbox
+
+
 class LocalAPI:
-    """Serves the socket from one event-loop thread until closed."""
+    """Serves the socket from one thread with a selector until closed: no event-loop
+    framework (asyncio alone would be 1.9 MB of the daemon's resident memory)."""
 
     def __init__(self, path: Path, submit: Submit, group: str | None = None,
                  max_payload: int = MAX_LINE) -> None:
@@ -125,16 +149,19 @@ class LocalAPI:
         self.submit = submit
         self.max_payload = max_payload
         self.clients = 0
-        self._open: set[asyncio.StreamWriter] = set()
-        # outcomes settled on the committer's thread, handed to the loop a batch at a time
-        self._settled: list[tuple[asyncio.Future[Message], Future[Message]]] = []
-        self._settled_lock = threading.Lock()
+        self._open: set[_Client] = set()
+        # clients with outcomes settled on the committer's thread, one wake-up per batch
+        self._ready: set[_Client] = set()
+        self._ready_lock = threading.Lock()
+        self._closing = False
+        self._accept_paused_until = 0.0
         if path.exists() or path.is_symlink():
             path.unlink()
-        self._loop = asyncio.new_event_loop()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(str(path))
+            self._listener.bind(str(path))
             os.chmod(path, 0o660)
             if group:
                 try:
@@ -142,129 +169,183 @@ class LocalAPI:
                 except KeyError:
                     log.warning("local API group %s does not exist; socket left root-group",
                                 group)
-            self._server = self._loop.run_until_complete(asyncio.start_unix_server(
-                self._serve_client, sock=listener, backlog=BACKLOG, limit=READ_CHUNK))
+            self._listener.listen(BACKLOG)
+            for sock in (self._listener, self._wake_read, self._wake_write):
+                sock.setblocking(False)
+            self._selector.register(self._listener, selectors.EVENT_READ)
+            self._selector.register(self._wake_read, selectors.EVENT_READ)
         except BaseException:
-            listener.close()
-            self._loop.close()
+            self._close_sockets()
             raise
-        self._thread = threading.Thread(target=self._loop.run_forever, name="local-api",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="local-api", daemon=True)
         self._thread.start()
 
-    def request(self, line: bytes | None) -> asyncio.Future[Message]:
+    def request(self, line: bytes | None) -> Future[Message]:
         """The outcome of one request line: refused at once, or the committer's answer."""
-        outcome: asyncio.Future[Message] = self._loop.create_future()
         try:
-            submitted = self.submit(parse_request(line, self.max_payload))
+            return self.submit(parse_request(line, self.max_payload))
         except IdentityError as exc:
-            outcome.set_exception(exc)
-        else:
-            submitted.add_done_callback(lambda done: self._settle(outcome, done))
-        return outcome
+            refused: Future[Message] = Future()
+            refused.set_exception(exc)
+            return refused
 
-    def _settle(self, outcome: asyncio.Future[Message], done: Future[Message]) -> None:
-        """On the committer's thread: one wake-up of the loop per batch, not per line."""
-        with self._settled_lock:
-            self._settled.append((outcome, done))
-            if len(self._settled) > 1:
-                return  # a hand-over is already scheduled
+    def _settled(self, client: _Client, _done: Future[Message]) -> None:
+        """On the committer's thread: wake the API's thread once per batch, not per line."""
+        with self._ready_lock:
+            first = not self._ready
+            self._ready.add(client)
+        if first:
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending
+            self._wake_write.send(b"\0")
+
+    def _run(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._hand_over)
-        except RuntimeError:  # the API has closed: nobody is left to answer
-            log.debug("local API closed before an answer was handed over")
-
-    def _hand_over(self) -> None:
-        with self._settled_lock:
-            settled, self._settled = self._settled, []
-        for outcome, done in settled:
-            if outcome.cancelled():
-                continue
-            error = done.exception()
-            if error is None:
-                outcome.set_result(done.result())
-            else:
-                outcome.set_exception(error)
-
-    async def _serve_client(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
-        self.clients += 1
-        self._open.add(writer)
-        try:
-            if self.clients > MAX_CLIENTS:
-                writer.write(json.dumps({"ok": False, "error": "too many clients; retry"})
-                             .encode() + b"\n")
-                await writer.drain()
-                return
-            in_flight: asyncio.Queue[asyncio.Future[Message] | None] = asyncio.Queue(PIPELINE)
-            answering = asyncio.ensure_future(self._answer(in_flight, writer))
-            try:
-                async for line in request_lines(reader):
-                    await in_flight.put(self.request(line))
-            finally:
-                await in_flight.put(None)
-                await answering
-        except ConnectionError:
-            pass
-        except Exception:  # noqa: BLE001 - one client must never stop the API
-            log.exception("local API client failed")
+            while not self._closing:
+                timeout = None
+                if self._accept_paused_until:
+                    timeout = max(0.0, self._accept_paused_until - time.monotonic())
+                    if timeout == 0.0:
+                        self._accept_paused_until = 0.0
+                        self._selector.register(self._listener, selectors.EVENT_READ)
+                        timeout = None
+                for key, events in self._selector.select(timeout):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_read:
+                        self._woken()
+                    else:
+                        self._serve(key.data, events)
+        except Exception:  # noqa: BLE001 - logged; the agent's health sees no API
+            log.exception("local API stopped")
         finally:
-            self.clients -= 1
-            self._open.discard(writer)
-            writer.close()
+            for client in list(self._open):
+                self._drop(client)
+            self._close_sockets()
 
-    @staticmethod
-    async def _answer(in_flight: asyncio.Queue[asyncio.Future[Message] | None],
-                      writer: asyncio.StreamWriter) -> None:
-        """Answers in the order of the lines, each once its outcome is settled, those
-        settled together in one write.
-
-        Keeps taking outcomes after the client went away, so the reader never
-        waits on a full queue: those lines are still stored, only not answered.
-        """
-        gone = False
-        answers: list[bytes] = []
-
-        async def flush() -> None:
-            nonlocal gone
-            if answers and not gone:
-                try:
-                    writer.write(b"".join(answers))
-                    await writer.drain()
-                except ConnectionError:
-                    gone = True
-            answers.clear()
-
+    def _accept(self) -> None:
         while True:
-            taken = [await in_flight.get()]
-            while not in_flight.empty():
-                taken.append(in_flight.get_nowait())
-            for outcome in taken:
-                if outcome is None:
-                    await flush()
-                    return
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors: try again shortly
+                log.warning("local API cannot accept: %s", exc)
+                self._selector.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + 0.1
+                return
+            self.clients += 1
+            if self.clients > MAX_CLIENTS:
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(json.dumps({"ok": False, "error": "too many clients; retry"})
+                              .encode() + b"\n")
+                sock.close()
+                self.clients -= 1
+                continue
+            sock.setblocking(False)
+            client = _Client(sock)
+            self._open.add(client)
+            client.events = selectors.EVENT_READ
+            self._selector.register(sock, client.events, client)
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_read.recv(4096):
+                pass
+        with self._ready_lock:
+            ready, self._ready = self._ready, set()
+        for client in ready:
+            if client in self._open:
+                self._progress(client)
+
+    def _serve(self, client: _Client, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            try:
+                chunk = client.sock.recv(READ_CHUNK)
+            except BlockingIOError:
+                chunk = None
+            except ConnectionError:  # reset: nobody reads the answers either
+                chunk, client.gone = b"", True
+                client.inbox.clear()
+            if chunk is not None:
+                client.inbox += chunk
+                client.eof = not chunk
+        if events & selectors.EVENT_WRITE:
+            self._write(client)
+        self._progress(client)
+
+    def _progress(self, client: _Client) -> None:
+        """Take lines while fewer than PIPELINE are in flight, answer what has settled in
+        order, write, and listen for what this client can do next."""
+        while True:
+            for line in client.lines():
+                outcome = self.request(line)
+                client.pending.append(outcome)
                 if not outcome.done():
-                    await flush()  # what is settled goes out before waiting
-                    await asyncio.wait((outcome,))
-                answers.append(answer_of(outcome))
-            await flush()
+                    outcome.add_done_callback(functools.partial(self._settled, client))
+                if len(client.pending) >= PIPELINE:
+                    break
+            answered = False
+            while client.pending and client.pending[0].done():
+                answer = answer_of(client.pending.popleft())
+                answered = True
+                if not client.gone:
+                    client.outbox += answer
+            if not answered or len(client.pending) >= PIPELINE:
+                break
+        self._write(client)
+        if client.finished:
+            self._drop(client)
+            return
+        wanted = 0
+        if not client.eof and len(client.pending) < PIPELINE:
+            wanted |= selectors.EVENT_READ
+        if client.outbox:
+            wanted |= selectors.EVENT_WRITE
+        if wanted != client.events:
+            if not client.events:
+                self._selector.register(client.sock, wanted, client)
+            elif not wanted:
+                self._selector.unregister(client.sock)
+            else:
+                self._selector.modify(client.sock, wanted, client)
+            client.events = wanted
+
+    def _write(self, client: _Client) -> None:
+        if not client.outbox:
+            return
+        try:
+            sent = client.sock.send(client.outbox)
+        except BlockingIOError:
+            return
+        except OSError:  # the client went away: keep storing its lines, answer no more
+            client.gone = True
+            client.outbox.clear()
+            return
+        del client.outbox[:sent]
+
+    def _drop(self, client: _Client) -> None:
+        self._open.discard(client)
+        if client.events:
+            self._selector.unregister(client.sock)
+            client.events = 0
+        client.sock.close()
+        self.clients -= 1
+
+    def _close_sockets(self) -> None:
+        self._selector.close()
+        for sock in (self._listener, self._wake_read, self._wake_write):
+            sock.close()
 
     def close(self) -> None:
-        async def stop() -> None:
-            self._server.close()
-            for writer in list(self._open):  # idle clients: wait_closed waits for them
-                writer.close()
-            await self._server.wait_closed()
-
-        if self._loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-            except (TimeoutError, RuntimeError) as exc:  # a stop must never fail the agent
-                log.warning("local API did not close cleanly: %r", exc)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._closing = True
+        self._wake()
+        self._thread.join(10)
+        if self._thread.is_alive():  # a stop must never fail the agent
+            log.warning("local API did not close within 10 s")
         self.path.unlink(missing_ok=True)
 
 

@@ -172,3 +172,32 @@ def test_pipelined_answers_keep_the_order_of_the_lines_whatever_settles_first(
         server.close()
     assert [a.get("seq") for a in answers] == [10, 11, None, 12]
     assert answers[2]["ok"] is False
+
+
+def test_more_lines_than_the_pipeline_in_one_write_are_all_answered_in_order(
+    api: LocalAPI, recorder: Recorder,
+) -> None:
+    answers = exchange(api, *(request(n=n) for n in range(500)))
+    assert [a["seq"] for a in answers] == list(range(1, 501))
+    assert [d["n"] for _, d in recorder.published] == list(range(500))
+
+
+def test_a_blank_tail_at_end_of_file_is_no_request_and_the_connection_ends(
+    api: LocalAPI, recorder: Recorder,
+) -> None:
+    answers = exchange(api, request(n=1), b"  \t ")
+    assert [a["ok"] for a in answers] == [True]
+    assert recorder.published == [("telemetry", {"n": 1})]
+
+
+def test_a_client_that_leaves_without_reading_has_every_line_stored(
+    api: LocalAPI, recorder: Recorder,
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(api.path))
+        sock.sendall(b"".join(request(n=n) for n in range(300)))
+    for _ in range(500):
+        if len(recorder.published) == 300:
+            break
+        threading.Event().wait(0.01)
+    assert [d["n"] for _, d in recorder.published] == list(range(300))
