@@ -13,7 +13,9 @@ has been PUBACKed (or is about to be) to the device.
    the agent process from /proc, averaged after a warm-up, beside a bare paho
    client in the same window: a fresh interpreter with only ``ssl`` and paho,
    holding one mTLS connection (file key) and publishing one QoS 1 message a
-   second, sampled the same way after the same warm-up.
+   second, sampled the same way after the same warm-up. Twice: the TPM behind tpm2-abrmd
+   (the daemon loads GLib and GIO for its D-Bus TCTI), then a TPM of its own on the raw
+   swtpm TCTI, no resource manager (what a device on /dev/tpmrm0 loads: one small TCTI).
 3. Throughput at QoS 1: N messages written over one local-API connection, then
    over many connections at once (each sends all its lines before reading an
    answer; lines that arrive while the outbox commits share the next
@@ -79,6 +81,7 @@ from provisioning.registry import registrar  # noqa: E402
 from simulator.device import AgentProcess  # noqa: E402
 from simulator.est import ESTServer, running_est_server  # noqa: E402
 from simulator.monitor import TelemetryMonitor  # noqa: E402
+from simulator.processes import SoftwareTPM  # noqa: E402
 from simulator.seed import seed_operational, write_agent_config  # noqa: E402
 from simulator.stack import BACKEND_ID, Credential, LocalStack  # noqa: E402
 from simulator.tpm_trace import RoundTrip, round_trips  # noqa: E402
@@ -140,11 +143,15 @@ def wait_all(monitor: TelemetryMonitor, device: str, seqs: set[int], timeout: fl
     raise TimeoutError(f"{device}: {missing} of {len(seqs)} messages missing after {timeout}s")
 
 
-def device(stack: LocalStack, root: Path, name: str, interval: float) -> AgentProcess:
-    config = write_agent_config(root / name, name, stack.tpm.tcti, stack.pki,
+def device(stack: LocalStack, root: Path, name: str, interval: float,
+           tpm: SoftwareTPM | None = None) -> AgentProcess:
+    """A device with an operational credential on ``tpm`` (the stack's, behind tpm2-abrmd,
+    if not given)."""
+    tpm = tpm or stack.tpm
+    config = write_agent_config(root / name, name, tpm.tcti, stack.pki,
                                 stack.broker.port, telemetry_interval=interval)
-    seed_operational(config, stack.tpm.tcti, stack.device_ca)
-    return AgentProcess(config, stack.tpm.env)
+    seed_operational(config, tpm.tcti, stack.device_ca)
+    return AgentProcess(config, tpm.env)
 
 
 def import_time(runs: int = 5) -> float:
@@ -656,6 +663,11 @@ def main() -> None:
             steady, paho_steady = steady_state(
                 device(stack, root, "bench-steady", 1.0), monitor, args.steady, args.warmup,
                 stack.file_client("bench-paho-idle"), cafile, stack.broker.port)
+            with SoftwareTPM(root / "tpm-direct", None, "direct") as direct_tpm:
+                direct, paho_direct = steady_state(
+                    device(stack, root, "bench-steady-direct", 1.0, direct_tpm), monitor,
+                    args.steady, args.warmup, stack.file_client("bench-paho-idle"), cafile,
+                    stack.broker.port)
             agent = device(stack, root, "bench-tput", QUIET)
             inflight = AgentConfig.load(agent.config_path).outbox.inflight
             stored, agent_t = via_local_api(agent, monitor, args.messages)
@@ -683,7 +695,12 @@ def main() -> None:
           f"min {min(cold):.3f} s   max {max(cold):.3f} s   "
           f"(python -c 'import device_agent.agent', start to exit: {imports:.3f} s)")
     report_first_boots(boots)
+    print("steady state with the TPM behind tpm2-abrmd (D-Bus: GLib, GIO and the tabrmd TCTI "
+          "in the daemon, as on a device without the kernel's resource manager):")
     report_steady(steady, paho_steady, args.steady - args.warmup, args.warmup)
+    print("steady state with the TPM on its own TCTI, no resource manager (the daemon alone "
+          "uses the TPM, as a device on /dev/tpmrm0 loads only the device TCTI):")
+    report_steady(direct, paho_direct, args.steady - args.warmup, args.warmup)
     report_renewal(renewed, args.renewal_lifetime, paho_steady.rss)
     print(f"throughput at QoS 1, {n} messages, in-flight window {inflight}:")
     print(f"  {'path':<46} {'seconds':>8} {'msg/s':>8}")
