@@ -89,7 +89,8 @@ from simulator.tpm_trace import RoundTrip, round_trips  # noqa: E402
 SAMPLE = {"load": [0.12, 0.3, 0.25], "mem_available_kb": 812_344, "temperature_c": 48.5}
 POLL = 0.001
 QUIET = 3600.0  # telemetry interval that keeps the built-in source out of the way
-JOB = b"device_agent.credential_job"  # the daemon's short-lived helper: python -m JOB WORK
+JOB = b"device_agent.credential_job"  # the daemon's short-lived helper: python -m JOB
+JOB_NAME = "job-"  # its /proc/PID/comm once it has its work order: job-<work>
 CONFIRMED = "confirmed by the broker"  # the agent's log line once a new credential is in use
 
 # The baseline's whole program, run with ``python -c``: nothing but the interpreter, ssl
@@ -449,6 +450,15 @@ class Job:
     hwm_kb: int = 0  # its VmHWM: the peak, even one that fell between two samples
 
 
+def job_work(pid: int) -> str:
+    """The work a credential job was ordered to do ("" before its order or once gone)."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+    return name.removeprefix(JOB_NAME) if name.startswith(JOB_NAME) else ""
+
+
 class MemoryWatch:
     """A thread reading /proc every ``period`` s: the daemon's VmRSS, and VmRSS and VmHWM of
     each credential job, a child of the daemon running JOB (found by a scan of /proc: this
@@ -481,6 +491,8 @@ class MemoryWatch:
                 except (OSError, ValueError):  # ended: gone, or a zombie without memory
                     continue
                 job.last, job.rss_kb, job.hwm_kb = now, max(job.rss_kb, rss), max(job.hwm_kb, hwm)
+                if not job.work:
+                    job.work = job_work(pid)
                 jobs_kb += rss
             try:
                 self.samples.append((now, vm_kb(self.pid, "VmRSS")[0], jobs_kb))
@@ -501,7 +513,7 @@ class MemoryWatch:
             if ppid != self.pid:
                 self._others.add(pid)
             elif JOB in argv:
-                self.jobs[pid] = Job(argv[argv.index(JOB) + 1].decode(), now, now)
+                self.jobs[pid] = Job("", now, now)  # its work: from its name, once ordered
             # else forked, not yet exec'd: looked at again at the next sample
 
 

@@ -18,18 +18,17 @@ import collections
 import datetime as dt
 import json
 import logging
-import os
 import queue
 import resource
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import job_process
 from .committer import Committer
 from .config import AgentConfig, render_toml
 from .controller import (
@@ -127,8 +126,12 @@ def result_of(work: Work, output: str, returncode: int | None,
 
 
 class Agent:
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path,
+                 standby: subprocess.Popen[str] | None = None) -> None:
+        """``standby``: a credential job started ahead (job_process.ahead_of_first_boot),
+        which takes the first work the controller asks for."""
         self.config_path = config_path
+        self._standby = standby
         self.config = AgentConfig.load(config_path)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
@@ -239,6 +242,9 @@ class Agent:
             api.close()
         if self.link is not None:
             self.link.stop(drain=DRAIN_SECONDS)
+        if self._standby is not None:
+            job_process.dismiss(self._standby)
+            self._standby = None
         worker, job = self._worker, self._job
         if worker is not None and job is not None:  # it ends its retries and answers
             if job.poll() is None:
@@ -326,22 +332,21 @@ class Agent:
                 self._use(self.generation)  # contexts built for the clock we now have
 
     def _spawn(self, work: Work) -> None:
-        """Start ``work`` as a credential job; a thread waits for its answer."""
-        argv = [sys.executable, "-m", "device_agent.credential_job", work.value,
-                "--source", str(self.config_path)]
+        """Start ``work`` as a credential job (or hand it to the one started ahead); a
+        thread waits for its answer."""
+        generation = None
         if work in (Work.RENEW, Work.RECOVER):
             assert self.generation is not None, "the controller renews only what it has"
-            argv += ["--generation", str(self.generation.number)]
-        if not self._check_time:
-            argv.append("--no-check-time")
-        config = render_toml(self.config)  # what runs, even if the file changed since
+            generation = self.generation.number
+        # what runs, even if the file changed since
+        order = job_process.order(work.value, generation, self._check_time, self.config_path,
+                                  render_toml(self.config))
+        standby, self._standby = self._standby, None
 
         def run() -> None:
             try:
-                job = self._job = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                                   stdout=subprocess.PIPE, text=True,
-                                                   env=os.environ.copy())
-                output, _ = job.communicate(config)
+                job = self._job = standby or job_process.start()
+                output, _ = job.communicate(order)
             except OSError as exc:
                 self._results.put(Failed(work, f"cannot start the credential job: {exc}"))
                 self._wake.set()

@@ -16,9 +16,12 @@ DEFAULT_CONFIG = Path("/etc/device-agent/agent.toml")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .job_process import ahead_of_first_boot
+
+    standby = ahead_of_first_boot(args.config)  # before the daemon's own imports
     from .agent import Agent
 
-    return Agent(args.config).run()
+    return Agent(args.config, standby).run()
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -3,10 +3,13 @@
 Making a TPM key, having the TPM sign a CSR, the EST exchange and checking the
 certificate need ``tpm2_pytss`` and ``cryptography``, which cost the agent
 about 17 MB for as long as it runs while it uses them a few times a week
-(issue 15). The agent starts this job when its controller asks for work
-(``python -m device_agent.credential_job WORK``), hands it its running
-configuration on stdin (a reload the agent refused must not reach the job),
-and reads one JSON line from its stdout:
+(issue 15). The job (``python -m device_agent.credential_job``) imports them first,
+then reads its work order on stdin: one JSON line (``work``, ``generation``,
+``check_time``, ``source``; ``job_process.order``) and the agent's running
+configuration (a reload the agent refused must not reach the job). So the agent can
+start it before it knows the work, at a first boot while it starts itself; a job
+whose stdin closes before an order exits without answering. It answers one JSON
+line on stdout:
 
 * ``{"outcome": "issued", "generation": N}``: a complete generation N is staged
   in the credential store, its facts beside it (credentials.py);
@@ -21,6 +24,7 @@ SIGTERM (the agent is stopping) ends retries; the job still answers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -29,6 +33,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import AgentConfig
@@ -95,22 +100,42 @@ def _failed(exc: IdentityError) -> dict[str, Any]:
     return answer
 
 
+def preload() -> None:
+    """What any credential work needs (tpm2-pytss and cryptography among it), imported
+    before the order arrives: the agent may start this job ahead of its first work."""
+    from . import credentials, enroll, keystore, tls, tpm  # noqa: F401
+
+
+def name_process(work: str) -> None:
+    """``job-<work>`` as this process's name (what ps, top and /proc/PID/comm show), since
+    its command line cannot say the work: it was started before the order came."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(f"job-{work}"[:15])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m device_agent.credential_job")
-    parser.add_argument("work", choices=WORKS)
-    parser.add_argument("--generation", type=int, help="the credential to renew or recover")
-    parser.add_argument("--no-check-time", action="store_true",
-                        help="the agent does not trust its clock: TLS ignores dates")
-    parser.add_argument("--source", default="<agent>", help="where the configuration came from")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m device_agent.credential_job",
+                                     description="a work order and the configuration on stdin")
+    parser.parse_args(argv)
     os.environ.setdefault("TSS2_LOG", "all+none")
     logging.basicConfig(level=os.environ.get("DEVICE_AGENT_LOG", "INFO"),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    preload()
+    header = sys.stdin.readline()
+    if not header:
+        return 0  # started ahead, not needed: the agent stopped or did other work
     try:
-        config = AgentConfig.from_toml(sys.stdin.read(), args.source)
-        answer = run_work(config, args.work, args.generation, not args.no_check_time, stop)
+        order = json.loads(header)
+        work, generation = order["work"], order.get("generation")
+        if work not in WORKS or not (generation is None or isinstance(generation, int)):
+            raise ValueError(f"not a work order: {header.strip()!r}")
+        name_process(work)
+        config = AgentConfig.from_toml(sys.stdin.read(), str(order.get("source", "<agent>")))
+        answer = run_work(config, work, generation, bool(order.get("check_time", True)), stop)
+    except (ValueError, KeyError, TypeError) as exc:
+        answer = {"outcome": "failed", "error": f"bad work order: {exc}", "retry_after": None}
     except IdentityError as exc:
         answer = {"outcome": "failed", "error": str(exc), "retry_after": None}
     print(json.dumps(answer), flush=True)

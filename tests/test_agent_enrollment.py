@@ -36,7 +36,10 @@ def test_first_boot_enrolls_with_the_bootstrap_identity_and_publishes(
     with device as agent:
         status = agent.wait_for(lambda s: s.get("connected"), 30, "enrollment and connection")
         assert monitor.wait_until(lambda: len(monitor.seqs("boot-1")) >= 3, 20)
+        assert agent.process is not None
+        lingering = credential_jobs_of(agent.process.pid)
     assert status["generation"] == 1
+    assert lingering == []  # the job started ahead of the daemon's imports did the enrollment
     with enrollment_server.registry() as registry:
         issued = [c for c in registry.certificates("boot-1") if c.kind == "operational"]
     assert [c.serial for c in issued] == [status["cert_serial"]]
@@ -133,6 +136,19 @@ def test_commands_are_answered_through_the_response_topic(
 
 
 HEAVY_LIBRARIES = ("cryptography", "tpm2_pytss")
+
+
+def credential_jobs_of(pid: int) -> list[int]:
+    """The credential job processes ``pid`` has running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid and b"device_agent.credential_job" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def mapped_libraries(pid: int) -> set[str]:

@@ -35,6 +35,7 @@ from device_agent.csr_attestation import (
     encode_bundle,
     key_binding,
 )
+from device_agent.job_process import order
 from device_agent.tpm import TPM, KeyBlob, csr_names
 from provisioning import pki
 from provisioning.attestation import ATTESTED_KEY_POLICY, parse_public
@@ -74,11 +75,14 @@ def policies(certificate: x509.Certificate) -> list[x509.ObjectIdentifier]:
     return [p.policy_identifier for p in found]
 
 
-def job(config: Path, tpm: SoftwareTPM, work: str, *args: str) -> dict[str, object]:
-    """The agent's credential job, as the agent starts it: configuration on stdin."""
+def job(config: Path, tpm: SoftwareTPM, work: str,
+        generation: int | None = None) -> dict[str, object]:
+    """The agent's credential job, as the agent starts it: the order and the configuration
+    on stdin."""
     result = subprocess.run(
-        [sys.executable, "-m", "device_agent.credential_job", work, *args],
-        input=config.read_text(), capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "device_agent.credential_job"],
+        input=order(work, generation, True, config, config.read_text()),
+        capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, **tpm.env, "TSS2_LOG": "all+none"})
     assert result.returncode == 0, result.stderr
     answer: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -103,12 +107,12 @@ def test_attested_enrollment_renewal_recovery_and_reenrollment(
     assert AgentConfig.load(config).paths.attestation_key == tmp_path / "etc" / "attestation.tss"
 
     answers = [job(config, made_swtpm, "enroll")]
-    answers.append(job(config, made_swtpm, "renew", "--generation", "1"))
+    answers.append(job(config, made_swtpm, "renew", 1))
     renewed = AgentConfig.load(config).paths.state_dir / "credentials" / "gen-000002"
     expiry = x509.load_pem_x509_certificate((renewed / "cert.pem").read_bytes())
     time.sleep(max(0.0, (expiry.not_valid_after_utc - dt.datetime.now(dt.UTC))
                    .total_seconds() + 1.0))
-    answers.append(job(config, made_swtpm, "recovery", "--generation", "2"))
+    answers.append(job(config, made_swtpm, "recovery", 2))
     answers.append(job(config, made_swtpm, "bootstrap"))
     assert answers == [{"outcome": "issued", "generation": n} for n in (1, 2, 3, 4)], answers
 
