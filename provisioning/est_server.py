@@ -3,8 +3,9 @@
 Process model: ``est-server --config FILE`` is a supervisor (see _supervisor.py)
 that starts ``workers`` processes; each binds the same address with
 SO_REUSEPORT, so the kernel spreads connections over them and every core does
-TLS. A worker runs aiohttp on one event loop and hands each enrollment to one
-thread that owns its registry connection (est_service.py).
+TLS. A worker runs aiohttp on one event loop and hands enrollments to one thread
+that owns its registry connection (est_service.py): those that arrive while it is
+busy go to it together, one transaction and one commit for the lot (group commit).
 
 A listener is a TLS context plus routes: ``est`` on ``port`` serves RFC 7030;
 ``recovery`` on ``recovery_port`` (when configured) serves only
@@ -36,6 +37,7 @@ import signal
 import ssl
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ from ._est_metrics import WorkerMetrics, middleware
 from .crl_publisher import CRLPublisher
 from .enrollment import Issuer, Operation, Peer
 from .est_config import ServerConfig
-from .est_service import EnrollmentService, Result
+from .est_service import Call, EnrollmentService, Result
 from .est_wire import (
     CERTS_TYPE,
     CSR_TYPE,
@@ -86,6 +88,9 @@ TAKES = {
                         "the recovery listener takes an operational certificate from the "
                         "Device CA"),
 }
+# Calls one registry transaction takes at most (group commit): a bound on how long a
+# batch holds the write lock, and so on any caller's wait behind it.
+MAX_BATCH = 32
 log = logging.getLogger("est")
 
 
@@ -156,11 +161,12 @@ class Authorities:
 
 
 def authenticate(der: bytes | None, operation: Operation,
-                 authorities: Authorities) -> tuple[str, int, str] | None:
+                 authorities: Authorities) -> Peer | tuple[str, int, str]:
     """Whether this endpoint can use the TLS client certificate, without the registry.
 
-    None when it can; otherwise the refusal's kind, status and reason: 401 when
-    there is no certificate, 403 when the one presented is not for this endpoint.
+    The peer, read once for the policy too, when it can; otherwise the refusal's kind,
+    status and reason: 401 when there is no certificate, 403 when the one presented is
+    not for this endpoint.
     """
     if der is None:
         return "no-certificate", 401, "no client certificate"
@@ -174,14 +180,14 @@ def authenticate(der: bytes | None, operation: Operation,
         return "unusable-certificate", 403, wanted
     if peer.device_id is None:
         return "unusable-certificate", 403, "the client certificate names no valid device ID"
-    return None
+    return peer
 
 
 class Endpoints:
     """The HTTP side of one worker: authentication, load shedding, shape checks, then the
     service thread."""
 
-    def __init__(self, config: ServerConfig, run: Callable[..., Awaitable[Result]],
+    def __init__(self, config: ServerConfig, run: Callable[[Call], Awaitable[Result]],
                  ca_chain: bytes, authorities: Authorities, refusals: RefusalLog,
                  metrics: WorkerMetrics | None = None) -> None:
         self.config = config
@@ -225,9 +231,9 @@ class Endpoints:
     async def enroll(self, request: web.Request, operation: Operation) -> web.Response:
         started = time.monotonic()
         peer = peer_certificate(request)
-        refusal = authenticate(peer, operation, self.authorities)
-        if refusal is not None:
-            kind, status, reason = refusal
+        checked = authenticate(peer, operation, self.authorities)
+        if not isinstance(checked, Peer):
+            kind, status, reason = checked
             self.refusals.note(kind, status=status, op=operation.value, peer=request.remote,
                                reason=reason)
             return _text(status, reason)
@@ -242,7 +248,7 @@ class Endpoints:
         if peer is not None:
             self.busy_peers.add(peer)
         try:
-            result = await self._enroll(request, operation, peer)
+            result = await self._enroll(request, operation, checked)
         finally:
             self.in_flight -= 1
             self.busy_peers.discard(peer)  # type: ignore[arg-type]
@@ -272,8 +278,7 @@ class Endpoints:
         elif decision.outcome.value == "refused":
             self.metrics.refusals[f"policy-{decision.status}"] += 1
 
-    async def _enroll(self, request: web.Request, operation: Operation,
-                      peer: bytes | None) -> Result:
+    async def _enroll(self, request: web.Request, operation: Operation, peer: Peer) -> Result:
         limit = self.config.max_body_bytes
         body: bytes | tuple[int, str]
         if _media_type(request.content_type) != CSR_TYPE:
@@ -283,8 +288,8 @@ class Endpoints:
         else:
             body = await self._body(request, limit)
         if isinstance(body, tuple):
-            return await self.run("refuse", operation, peer, *body)
-        return await self.run("handle", operation, peer, body)
+            return await self.run(Call(operation, peer, refusal=body))
+        return await self.run(Call(operation, peer, body))
 
     async def _body(self, request: web.Request, limit: int) -> bytes | tuple[int, str]:
         """The body, or the refusal: larger than ``limit``, or slower than body_timeout."""
@@ -308,6 +313,8 @@ class Worker:
         None: no metrics."""
         self.config = config
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="registry")
+        self.waiting: deque[tuple[Call, asyncio.Future[Result]]] = deque()
+        self.batch: asyncio.Future[list[Result | Exception]] | None = None
         self.stack = contextlib.ExitStack()
         self.service: EnrollmentService | None = None
         self.publisher: CRLPublisher | None = None
@@ -337,10 +344,51 @@ class Worker:
                                          self.config.certificate_lifetime,
                                          superseded=self.publisher.request)
 
-    async def run(self, method: str, *args: object) -> Result:
+    async def run(self, call: Call) -> Result:
+        """``call``'s answer from the registry thread, once the commit that holds it is done.
+
+        Calls queue here while a batch is on that thread, and the next batch takes them
+        in arrival order, :data:`MAX_BATCH` at most: there is no waiting for company.
+        """
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting.append((call, answer))
+        if self.batch is None:
+            self._next_batch()
+        return await answer
+
+    def _next_batch(self) -> None:
         assert self.service is not None
-        call = getattr(self.service, method)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
+        taken: list[tuple[Call, asyncio.Future[Result]]] = []
+        while self.waiting and len(taken) < MAX_BATCH:
+            call, answer = self.waiting.popleft()
+            if not answer.cancelled():  # its handler is gone: nothing to decide or audit
+                taken.append((call, answer))
+        if not taken:
+            return
+        batch = asyncio.get_running_loop().run_in_executor(
+            self.executor, self.service.handle_all, [call for call, _ in taken])
+        self.batch = batch
+        batch.add_done_callback(lambda done: self._answer(done, [a for _, a in taken]))
+
+    def _answer(self, done: asyncio.Future[list[Result | Exception]],
+                answers: list[asyncio.Future[Result]]) -> None:
+        self.batch = None
+        if done.cancelled():
+            outcomes: Sequence[Result | BaseException | None] = [None] * len(answers)
+        else:
+            failure = done.exception()  # handle_all answers each call; this is a bug's
+            outcomes = [failure] * len(answers) if failure is not None else done.result()
+        for answer, outcome in zip(answers, outcomes, strict=True):
+            if answer.done():
+                continue
+            if outcome is None:
+                answer.cancel()
+            elif isinstance(outcome, BaseException):
+                answer.set_exception(outcome)
+            else:
+                answer.set_result(outcome)
+        if self.waiting:
+            self._next_batch()
 
     def listeners(self) -> list[Listener]:
         paths = self.config.pki

@@ -4,6 +4,13 @@ This is where the policy meets the CA and the registry. It is synchronous on
 purpose: each EST worker runs it on one thread that owns the worker's
 registry connection, so the event loop never waits on a database lock.
 
+Group commit: the requests that arrive while that thread is busy are handed to it
+together (:meth:`EnrollmentService.handle_all`) and share one transaction, so
+under load one commit (one fsync, one turn of the registry's write lock) carries
+many enrollments; a lone request is still committed at once. Each request has a
+savepoint of its own in that transaction, and no answer leaves before the commit
+that holds its rows.
+
 With ``[policy] key_attestation`` on, the CSR's TPM evidence is verified here,
 against the attestation key registered for the device, before :func:`decide`
 reads the result; an attested certificate carries :data:`ATTESTED_KEY_POLICY`.
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -37,7 +44,7 @@ from .enrollment import (
     Request,
     decide,
 )
-from .errors import EnrollmentRefused
+from .errors import EnrollmentRefused, ProvisioningError
 from .est_wire import PARSE_ERRORS, decode_csr
 from .registry import AuditEntry, CertKind, Registry, serial_hex
 
@@ -49,6 +56,27 @@ class Result:
     decision: Decision
     peer_serial: str | None
     certificate: x509.Certificate | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request for the registry: a body to ``handle``, or the ``refusal`` (status,
+    reason) given before the body was read, to audit. ``peer`` is the TLS client
+    certificate as the HTTP layer read it."""
+
+    operation: Operation
+    peer: Peer | None
+    body: bytes | None = None
+    refusal: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A call with its CSR parsed and verified (outside the write lock)."""
+
+    call: Call
+    csr: x509.CertificateSigningRequest | None = None
+    request: Request | EnrollmentRefused | None = None
 
 
 class EnrollmentService:
@@ -99,48 +127,130 @@ class EnrollmentService:
             recent=registry.issued_since(device_id, BUDGETS[operation], now - BUDGET_WINDOW),
         )
 
-    def handle(self, operation: Operation, peer_der: bytes | None, body: bytes) -> Result:
+    def handle_all(self, calls: Sequence[Call]) -> list[Result | Exception]:
+        """Answer ``calls`` in order, each as :meth:`handle` or :meth:`refuse` would alone,
+        with one transaction (one commit, one fsync) for them all: group commit.
+
+        The CSRs are parsed and verified first, outside the write lock. Each call
+        then decides, signs and records in a savepoint of its own, so one that
+        raises takes back only its writes and gets its exception; no answer is
+        returned before the commit that holds its rows. When that transaction
+        fails as a whole (its commit, or a rollback the database refused), the calls
+        are answered again one at a time, each in its own transaction, so each ends
+        as it would have without company.
+        """
+        prepared = [self._prepare(call) for call in calls]
+        outcomes: list[Result | Exception]
+        if len(prepared) == 1:
+            outcomes = [self._alone(prepared[0])]
+        else:
+            began = False
+            try:
+                with self.registry.transaction():
+                    began = True
+                    outcomes = [self._in_savepoint(item) for item in prepared]
+            except ProvisioningError as exc:
+                # No transaction at all (the lock timed out): each would have met the same.
+                outcomes = ([self._alone(item) for item in prepared] if began
+                            else [exc] * len(prepared))
+        if self.superseded is not None and any(
+                isinstance(outcome, Result) and outcome.certificate is not None
+                and outcome.decision.supersede for outcome in outcomes):
+            self.superseded()
+        return outcomes
+
+    def handle(self, operation: Operation, peer: Peer | None, body: bytes) -> Result:
         """Parse and verify the CSR first, then decide, sign and record under the write lock.
 
         Every decision writes an audit row, so the lock is needed anyway; holding
         it from the first read means no suspension or revocation can land
         between the decision and the record.
         """
-        peer = self.peer(peer_der)
+        return self._single(Call(operation, peer, body))
+
+    def refuse(self, operation: Operation, peer: Peer | None, status: int,
+               reason: str) -> Result:
+        """Audit a refusal made before the body was read (size, content type)."""
+        return self._single(Call(operation, peer, refusal=(status, reason)))
+
+    def _single(self, call: Call) -> Result:
+        outcome = self.handle_all([call])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _prepare(self, call: Call) -> _Prepared:
+        if call.body is None:
+            return _Prepared(call)
         csr: x509.CertificateSigningRequest | None = None
         request: Request | EnrollmentRefused
         try:
-            csr = decode_csr(body)
+            csr = decode_csr(call.body)
             request = Request.from_csr(csr)
         except EnrollmentRefused as refused:
             request = refused
         except PARSE_ERRORS:  # a part of the CSR that decode_csr does not read
             request = EnrollmentRefused(400, "CSR cannot be read")
+        return _Prepared(call, csr, request)
+
+    def _alone(self, item: _Prepared) -> Result | Exception:
+        try:
+            with self.registry.transaction():
+                return self._decide(item)
+        except Exception as exc:  # noqa: BLE001 - the caller's, as if it had called alone
+            return exc
+
+    def _in_savepoint(self, item: _Prepared) -> Result | Exception:
+        """``item`` decided inside the batch's transaction; what it raised is its answer
+        once its savepoint is rolled back. A savepoint that cannot be taken or rolled
+        back (the database lost the transaction) raises: the batch has failed."""
+        failure: Exception | None = None
+        try:
+            with self.registry.savepoint():
+                try:
+                    return self._decide(item)
+                except Exception as exc:  # noqa: BLE001 - the caller's, rolled back alone
+                    failure = exc
+                    raise
+        except Exception as exc:
+            if exc is failure:
+                return exc
+            raise
+
+    def _decide(self, item: _Prepared) -> Result:
+        """Decide, sign and record one call inside the caller's transaction."""
+        call = item.call
+        operation, peer = call.operation, call.peer
+        peer_serial = peer.serial if peer else None
+        if call.refusal is not None:
+            status, reason = call.refusal
+            decision = Decision(Outcome.REFUSE, status, reason, peer.device_id if peer else None)
+            self.audit(operation, peer, decision, None)
+            return Result(decision, peer_serial)
+        csr, request = item.csr, item.request
+        assert request is not None
         certificate = None
-        with self.registry.transaction():
-            now = dt.datetime.now(dt.UTC)
-            records = self._records(operation, peer, now)
-            if csr is not None and self.policy.key_attestation is not KeyAttestation.OFF:
-                device = records.device
-                records = dataclasses.replace(records, evidence=self.evidence(
-                    csr, device.device_id if device else None))
-            decision = decide(operation, peer, request, records, self.policy, now)
-            if decision.outcome is Outcome.ISSUE:
-                assert csr is not None and decision.device_id is not None
-                assert decision.issuance is not None
-                certificate = self.device_ca.issue_client(
-                    decision.device_id, csr.public_key(), self.lifetime,
-                    policies=(ATTESTED_KEY_POLICY,) if decision.attested else ())
-                self.registry.record_issuance(decision.device_id, certificate,
-                                              decision.issuance, decision.supersede, now,
-                                              attested=decision.attested)
-            elif decision.outcome is Outcome.HOLD:
-                assert peer is not None and decision.device_id is not None
-                self.registry.hold(decision.device_id, peer.certificate)
-            self.audit(operation, peer, decision, certificate)
-        if certificate is not None and decision.supersede and self.superseded is not None:
-            self.superseded()
-        return Result(decision, peer.serial if peer else None, certificate)
+        now = dt.datetime.now(dt.UTC)
+        records = self._records(operation, peer, now)
+        if csr is not None and self.policy.key_attestation is not KeyAttestation.OFF:
+            device = records.device
+            records = dataclasses.replace(records, evidence=self.evidence(
+                csr, device.device_id if device else None))
+        decision = decide(operation, peer, request, records, self.policy, now)
+        if decision.outcome is Outcome.ISSUE:
+            assert csr is not None and decision.device_id is not None
+            assert decision.issuance is not None
+            certificate = self.device_ca.issue_client(
+                decision.device_id, csr.public_key(), self.lifetime,
+                policies=(ATTESTED_KEY_POLICY,) if decision.attested else ())
+            self.registry.record_issuance(decision.device_id, certificate,
+                                          decision.issuance, decision.supersede, now,
+                                          attested=decision.attested)
+        elif decision.outcome is Outcome.HOLD:
+            assert peer is not None and decision.device_id is not None
+            self.registry.hold(decision.device_id, peer.certificate)
+        self.audit(operation, peer, decision, certificate)
+        return Result(decision, peer_serial, certificate)
 
     def evidence(self, csr: x509.CertificateSigningRequest, device_id: str | None) -> Evidence:
         """The CSR's key attestation checked against the AK registered for ``device_id``."""
@@ -157,15 +267,6 @@ class EnrollmentService:
         except AttestationError as exc:
             return Evidence(True, exc.reason)
         return Evidence(True)
-
-    def refuse(self, operation: Operation, peer_der: bytes | None, status: int,
-               reason: str) -> Result:
-        """Audit a refusal made before the body was read (size, content type)."""
-        peer = self.peer(peer_der)
-        decision = Decision(Outcome.REFUSE, status, reason, peer.device_id if peer else None)
-        with self.registry.transaction():
-            self.audit(operation, peer, decision, None)
-        return Result(decision, peer.serial if peer else None)
 
     def audit(self, operation: Operation, peer: Peer | None, decision: Decision,
               certificate: x509.Certificate | None) -> None:

@@ -268,6 +268,23 @@ class Registry:
             self._db.rollback()
             raise
 
+    @contextmanager
+    def savepoint(self) -> Iterator[Registry]:
+        """Inside :meth:`transaction`: what the block wrote is undone if it raises, and the
+        transaction goes on (SQL ``SAVEPOINT``, which both databases have). Group commit
+        puts each of several requests in one, so a request that fails takes only its own
+        writes back. A rollback that fails (the database has lost the transaction) raises."""
+        if not self._depth:
+            raise RegistryError("a savepoint is taken inside a transaction")
+        self._execute("SAVEPOINT request", (), "registry savepoint failed")
+        try:
+            yield self
+        except BaseException:
+            self._execute("ROLLBACK TO SAVEPOINT request", (), "registry rollback failed")
+            self._execute("RELEASE SAVEPOINT request", (), "registry rollback failed")
+            raise
+        self._execute("RELEASE SAVEPOINT request", (), "registry savepoint failed")
+
     # --- devices -------------------------------------------------------------------------
 
     def device(self, device_id: str) -> Device | None:
@@ -440,14 +457,16 @@ class Registry:
         No audit row of its own: the enrollment decision that replaced them is
         the one entry, and it names the old serial.
         """
-        for serial in serials:
-            record = self.certificate(serial, issuer)
-            if record is None:
-                continue
+        if issuer is not None:  # the rows are named: no lookup before the update
+            named = [(issuer_name(issuer), serial_hex(serial)) for serial in serials]
+        else:
+            named = [(record.issuer, record.serial)
+                     for record in map(self.certificate, serials) if record is not None]
+        for issuer_text, serial in named:
             self._query("UPDATE certificates SET status = 'revoked', revocation_reason = ?,"
                         " revoked_at = ? WHERE issuer = ? AND serial = ? AND status = 'issued'",
-                        (x509.ReasonFlags.superseded.value, timestamp(when), record.issuer,
-                         record.serial))
+                        (x509.ReasonFlags.superseded.value, timestamp(when), issuer_text,
+                         serial))
 
     def revoke(self, serial: int | str, reason: x509.ReasonFlags,
                when: dt.datetime | None = None,
