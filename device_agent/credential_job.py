@@ -79,7 +79,7 @@ def run_work(config: AgentConfig, work: str, generation: int | None, check_time:
             enroller.check_time = check_time
             if work in ("renew", "recovery"):
                 if generation is None:
-                    raise ValueError(f"{work} needs --generation")
+                    raise ValueError(f"{work} needs a generation")
                 current = Generation(generation, store.root / f"gen-{generation:06d}")
                 if work == "renew":
                     return answer_of(lambda: enroller.renew(current, attempts=1))
@@ -131,13 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         work, generation = order["work"], order.get("generation")
         if work not in WORKS or not (generation is None or isinstance(generation, int)):
             raise ValueError(f"not a work order: {header.strip()!r}")
-        name_process(work)
-        config = AgentConfig.from_toml(sys.stdin.read(), str(order.get("source", "<agent>")))
-        answer = run_work(config, work, generation, bool(order.get("check_time", True)), stop)
     except (ValueError, KeyError, TypeError) as exc:
-        answer = {"outcome": "failed", "error": f"bad work order: {exc}", "retry_after": None}
-    except IdentityError as exc:
-        answer = {"outcome": "failed", "error": str(exc), "retry_after": None}
+        answer: dict[str, Any] = {"outcome": "failed", "error": f"bad work order: {exc}",
+                                  "retry_after": None}
+    else:
+        name_process(work)
+        try:
+            config = AgentConfig.from_toml(sys.stdin.read(), str(order.get("source", "<agent>")))
+            answer = run_work(config, work, generation, bool(order.get("check_time", True)),
+                              stop)
+        except IdentityError as exc:
+            answer = {"outcome": "failed", "error": str(exc), "retry_after": None}
     print(json.dumps(answer), flush=True)
     return 0
 
