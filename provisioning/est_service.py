@@ -95,12 +95,6 @@ class EnrollmentService:
         registry.adopt_issuers({CertKind.BOOTSTRAP: factory_ca.subject,
                                 CertKind.OPERATIONAL: device_ca.certificate.subject})
 
-    def peer(self, der: bytes | None) -> Peer | None:
-        if not der:
-            return None
-        return Peer.from_certificate(x509.load_der_x509_certificate(der), self.factory_ca,
-                                     self.device_ca.certificate)
-
     def _records(self, operation: Operation, peer: Peer | None, now: dt.datetime) -> Records:
         """Only the facts ``operation`` reads: renewal and recovery need the device's keys,
         bootstrap re-enrollment and recovery its latest serial, bootstrap re-enrollment and
@@ -128,7 +122,7 @@ class EnrollmentService:
         )
 
     def handle_all(self, calls: Sequence[Call]) -> list[Result | Exception]:
-        """Answer ``calls`` in order, each as :meth:`handle` or :meth:`refuse` would alone,
+        """Answer ``calls`` in order, each as it would be answered alone,
         with one transaction (one commit, one fsync) for them all: group commit.
 
         The CSRs are parsed and verified first, outside the write lock. Each call
@@ -167,11 +161,6 @@ class EnrollmentService:
         between the decision and the record.
         """
         return self._single(Call(operation, peer, body))
-
-    def refuse(self, operation: Operation, peer: Peer | None, status: int,
-               reason: str) -> Result:
-        """Audit a refusal made before the body was read (size, content type)."""
-        return self._single(Call(operation, peer, refusal=(status, reason)))
 
     def _single(self, call: Call) -> Result:
         outcome = self.handle_all([call])[0]
