@@ -62,6 +62,10 @@ def table_ddl(statement: str) -> str | None:
 
 
 SCHEMA_DDL = tuple(ddl for ddl in map(table_ddl, SCHEMA) if ddl is not None) + TRIGGERS
+# An index is no schema version of its own: one added since a registry was made is made
+# when a program opens it, under the write lock (as SQLite's CREATE INDEX IF NOT EXISTS).
+INDEXES = {match[1]: ddl for ddl in SCHEMA_DDL
+           if (match := re.match(r"CREATE INDEX IF NOT EXISTS (\w+) ", ddl))}
 
 
 class PostgresDatabase:
@@ -140,10 +144,21 @@ class PostgresDatabase:
             elif version < SCHEMA_VERSION:  # pragma: no cover - no older PostgreSQL schema
                 raise RegistryError(f"{self.name} has schema version {version}, which "
                                     "PostgreSQL registries never had")
+            else:
+                self._add_indexes()
             self.commit()
         except BaseException:
             self.rollback()
             raise
+
+    def _add_indexes(self) -> None:
+        """The schema's indexes this registry lacks; one query when it has them all
+        (each CREATE INDEX would lock its table, if only to find the index there)."""
+        known = {row[0] for row in self._db.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()").fetchall()}
+        for name, ddl in INDEXES.items():
+            if name not in known:
+                self._db.execute(ddl)
 
     def _version(self) -> int | None:
         known = self._db.execute("SELECT to_regclass('schema_version')").fetchone()

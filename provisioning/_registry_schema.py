@@ -73,6 +73,13 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id)",
     "CREATE INDEX IF NOT EXISTS certificates_by_status ON certificates (status, kind)",
     "CREATE INDEX IF NOT EXISTS certificates_by_serial ON certificates (serial)",
+    # Each enrollment reads the device's latest operational certificate and its live ones;
+    # without these, one scans all the device's certificates and the other every live
+    # certificate of every device (by_status).
+    "CREATE INDEX IF NOT EXISTS certificates_latest ON certificates"
+    " (device_id, kind, recorded, not_before)",
+    "CREATE INDEX IF NOT EXISTS certificates_live ON certificates"
+    " (device_id, kind, status, not_after)",
     # One row per certificate the EST server handed out, in the transaction that recorded
     # it; the daily budgets count these. The issuer follows a certificate's adoption.
     """CREATE TABLE IF NOT EXISTS issuances (

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from device_agent.identity import DEVICE_ID_PATTERN, device_uri, is_service_identity
@@ -198,14 +199,18 @@ class Request:
     key_problem: str | None
 
     @classmethod
-    def from_csr(cls, csr: x509.CertificateSigningRequest) -> Request:
-        key = csr.public_key()
+    def from_csr(cls, csr: x509.CertificateSigningRequest,
+                 key: CertificatePublicKeyTypes | None = None) -> Request:
+        """``key``: the CSR's, if the caller has it; the CSR parses its key (and its
+        subject) again at each read, so each is read once here."""
+        key = csr.public_key() if key is None else key
         try:
             pki.check_public_key(key)
             problem = None
         except ValueError as exc:
             problem = str(exc)
-        return cls(csr.subject, _common_name(csr.subject), _san(csr.extensions),
+        subject = csr.subject
+        return cls(subject, _common_name(subject), _san(csr.extensions),
                    public_key_fingerprint(key), problem)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import time
 import tomllib
@@ -83,6 +84,11 @@ class Authority:
     def name(self) -> x509.Name:
         return self.certificate.subject
 
+    @functools.cached_property
+    def _key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AKI of everything it signs: read once, not re-encoded from its key per issue."""
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+
     def _builder(
         self,
         subject: x509.Name,
@@ -101,10 +107,7 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
+            .add_extension(self._key_identifier, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         )
 

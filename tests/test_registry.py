@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -171,6 +173,58 @@ def test_budget_decisions_of_concurrent_writers_are_serialized(
     assert len(issued) == budget
     with open_registry(registry_location) as registry:
         assert len(registry.issuances("dev-1")) == budget
+
+
+def test_sqlite_writers_take_turns_on_the_lock_file_and_give_them_back(
+    tmp_path: Path, factory: pki.Authority,
+) -> None:
+    """A writer waits on ``REGISTRY.lock`` (the kernel wakes it when the holder is done,
+    where SQLite's busy wait sleeps up to 100 ms at a time), and gives the turn back when
+    its transaction ends: committed, rolled back, or never begun."""
+    path = tmp_path / "r.db"
+    with open_registry(path) as registry:
+        pass
+    holder = os.open(f"{path}.lock", os.O_RDONLY)
+    began = threading.Event()
+
+    def write() -> None:
+        with open_registry(path) as registry, registry.transaction():
+            began.set()
+            registry.register_device("dev-1", bootstrap(factory, "dev-1"))
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not began.wait(0.5)  # its turn has not come
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        writer.join(10)
+        assert began.is_set()
+
+        def turn_is_free() -> bool:
+            try:
+                fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            return True
+
+        with open_registry(path) as registry:
+            assert registry.device("dev-1") is not None and turn_is_free()  # committed
+            with pytest.raises(RuntimeError), registry.transaction():
+                assert not turn_is_free()
+                raise RuntimeError("rolled back")
+            assert turn_is_free()
+        with open_registry(path, busy_timeout=0.1) as impatient:
+            blocker = sqlite3.connect(path, isolation_level=None)  # a writer without turns
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(RegistryError), impatient.transaction():
+                pass  # BEGIN fails on SQLite's own lock: the turn goes back
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert turn_is_free()
+    finally:
+        os.close(holder)
 
 
 def test_registering_allowlists_the_device_and_records_its_bootstrap_certificate(
@@ -697,3 +751,36 @@ def test_a_schema_3_registry_keeps_its_aks_and_gains_their_certificates(
     db = sqlite3.connect(tmp_path / "v3.db")
     assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     db.close()
+
+
+# --- the indexes each enrollment reads through ------------------------------------------------
+
+PER_DEVICE_INDEXES = {"certificates_latest", "certificates_live"}
+
+
+def index_names(location: RegistryLocation) -> set[str]:
+    if isinstance(location, str):
+        with psycopg.connect(location) as pg:
+            return {str(row[0]) for row in pg.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}
+    db = sqlite3.connect(location)
+    try:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        db.close()
+
+
+def test_a_registry_made_before_the_per_device_indexes_gains_them(
+    registry_location: Path | str,
+) -> None:
+    """Each enrollment reads the device's latest and its live certificates, which without
+    these indexes scan its history and every device's live certificates; a registry made
+    before them gets them when opened (PostgreSQL, whose tables are made once, too)."""
+    with open_registry(registry_location):
+        pass
+    for name in PER_DEVICE_INDEXES:
+        raw_execute(registry_location, f"DROP INDEX {name}")
+    assert not PER_DEVICE_INDEXES & index_names(registry_location)
+    with open_registry(registry_location):
+        pass
+    assert PER_DEVICE_INDEXES <= index_names(registry_location)
