@@ -34,7 +34,8 @@ def launch(command: str, module: str, needs: Mapping[str, str]) -> int:
 
 
 def est_server() -> int:
-    return launch("est-server", "provisioning.est_server", {"aiohttp": extra("server")})
+    return launch("est-server", "provisioning.est_server",
+                  {"aiohttp": extra("server"), "uvloop": extra("server")})
 
 
 def factory_ca() -> int:

@@ -2,13 +2,13 @@
 
 aiohttp's ``TCPSite`` hands each socket to asyncio's TLS layer, which drops a
 failed or stalled handshake without a word (asyncio logs it in debug mode
-only) and knows no connection limit. A :class:`GuardedListener` accepts plain
-TCP instead, admits the connection against a per-address limit and a total,
-runs the handshake itself (``loop.start_tls``) under a timeout, and only then
-gives the TLS transport to aiohttp. Every refusal on the way, and every refusal
-the HTTP layer makes before a request is tied to a device, is counted by a
-:class:`RefusalLog`, which writes at most one line per kind per interval: a
-flood neither reaches the registry nor fills the disk with log lines.
+only) and knows no connection limit. A :class:`GuardedListener` accepts the
+sockets itself instead, admits each against a per-address limit and a total,
+has the event loop run the handshake (``loop.connect_accepted_socket``) under a
+timeout, and only then gives the TLS transport to aiohttp. Every refusal on the
+way, and every refusal the HTTP layer makes before a request is tied to a device,
+is counted by a :class:`RefusalLog`, which writes at most one line per kind per
+interval: a flood neither reaches the registry nor fills the disk with log lines.
 
 A full listener does not turn the newcomer away, or idle sockets, however many,
 would keep every device out: it evicts the connection that has been quiet
@@ -25,19 +25,25 @@ over the workers (SO_REUSEPORT).
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import resource
+import socket
 import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 Emit = Callable[..., None]
 # Descriptors a worker needs besides its connections and accept bursts: listening sockets,
 # the registry, the log, the event loop's own.
 DESCRIPTOR_MARGIN = 256
+# accept() failures that say this process or the kernel is out of room, not that one
+# client went away: the listener rests a second instead of spinning on them.
+OUT_OF_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_REST = 1.0
 
 
 class RefusalLog:
@@ -150,7 +156,7 @@ class GuardedListener:
         self.by_peer: Counter[str] = Counter()
         self._quiet: OrderedDict[_Slot, None] = OrderedDict()  # quiet longest first
         self._busy: set[_Slot] = set()  # a request in progress: never evicted
-        self._server: asyncio.AbstractServer | None = None
+        self._sockets: list[socket.socket] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
     @property
@@ -158,16 +164,55 @@ class GuardedListener:
         return len(self._quiet) + len(self._busy)
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on every address ``host`` names (SO_REUSEPORT: the other workers too)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Accept(self), host, port,
-                                                reuse_port=True, backlog=self.limits.backlog)
+        found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        for family, _, _, _, address in dict.fromkeys(found):
+            sock = socket.create_server(address, family=family, backlog=self.limits.backlog,
+                                        reuse_port=True)
+            sock.setblocking(False)
+            self._sockets.append(sock)
+            loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
         """Stop accepting and drop unfinished handshakes; aiohttp closes the rest."""
-        if self._server is not None:
-            self._server.close()
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
         for task in list(self._handshakes):
             task.cancel()
+
+    def _accept(self, listening: socket.socket) -> None:
+        """Take what the listen queue holds, ``backlog`` at most per turn of the loop."""
+        for _ in range(self.limits.backlog):
+            try:
+                sock, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_ROOM:
+                    continue  # that client gave up (ECONNABORTED and kin)
+                self.refusals.note("accept-failed", listener=self.name,
+                                   reason=exc.strerror, open=self.open)
+                self._rest(listening)
+                return
+            sock.setblocking(False)
+            slot = self.admit(_Accepted(sock, address))
+            if slot is not None:
+                self.handshake(slot, sock)
+
+    def _rest(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listening.fileno())
+
+        def resume() -> None:
+            if listening in self._sockets:
+                loop.add_reader(listening.fileno(), self._accept, listening)
+
+        loop.call_later(ACCEPT_REST, resume)
 
     def admit(self, transport: asyncio.Transport) -> _Slot | None:
         """A place for a new connection, or None: refused, aborted and counted."""
@@ -198,8 +243,8 @@ class GuardedListener:
         victim.evict()
         return True
 
-    def handshake(self, slot: _Slot) -> None:
-        task = asyncio.get_running_loop().create_task(self._handshake(slot))
+    def handshake(self, slot: _Slot, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(slot, sock))
         slot.task = task
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -221,37 +266,61 @@ class GuardedListener:
         if self.by_peer[slot.peer] <= 0:
             del self.by_peer[slot.peer]
 
-    async def _handshake(self, slot: _Slot) -> None:
-        transport = slot.transport
+    async def _handshake(self, slot: _Slot, sock: socket.socket) -> None:
+        """The loop's TLS layer takes the socket; the connection is aiohttp's once the
+        handshake is done, or counted and closed when it fails or stalls."""
+        pending = slot.transport
+        assert isinstance(pending, _Accepted)
         connection = _Connection(self.app_factory, slot)
         timeout = self.limits.handshake_timeout
         kind, reason = "tls-dropped", "closed during the handshake"
+        pending.handed = True  # from here on the loop closes the socket, whatever happens
         try:
             async with asyncio.timeout(timeout):
                 # asyncio's own timeout is a backstop; ours tells a stall from a failure.
-                tls = await asyncio.get_running_loop().start_tls(
-                    transport, connection, self.context, server_side=True,
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: connection, sock, ssl=self.context,
                     ssl_handshake_timeout=timeout + 5, ssl_shutdown_timeout=timeout)
+            return
         except TimeoutError:
             kind, reason = "tls-timeout", f"no handshake within {timeout:g}s"
-            tls = None
         except ssl.SSLError as exc:
             kind, reason = "tls-failed", exc.reason or type(exc).__name__
-            tls = None
         except OSError as exc:
             reason = type(exc).__name__
-            tls = None
         except asyncio.CancelledError:
-            transport.abort()
-            slot.release()
+            slot.release()  # evicted, or the listener is closing
             raise
-        if tls is None or connection.lost:
-            transport.abort()
-            slot.release()
-            self.refusals.note(kind, listener=self.name, peer=slot.peer, reason=reason)
-            return
-        slot.transport = tls
-        connection.connection_made(tls)
+        slot.release()
+        self.refusals.note(kind, listener=self.name, peer=slot.peer, reason=reason)
+
+
+class _Accepted(asyncio.Transport):
+    """An accepted socket before the TLS layer has it: its peer, and how to refuse it.
+
+    Once handed to the loop, the loop owns the socket and closes it when the
+    handshake is cancelled or fails; before that (refused at admission, or evicted
+    before its handshake began) it is closed here.
+    """
+
+    def __init__(self, sock: socket.socket, address: Any) -> None:
+        super().__init__()
+        self._sock = sock
+        self._address = address
+        self.handed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._address if name == "peername" else default
+
+    def abort(self) -> None:
+        if not self.handed:
+            self._sock.close()
+
+    def close(self) -> None:
+        self.abort()
+
+    def is_closing(self) -> bool:
+        return self._sock.fileno() < 0
 
 
 class _Slot:
@@ -262,7 +331,7 @@ class _Slot:
                  since: float) -> None:
         self.listener = listener
         self.peer = peer
-        self.transport = transport  # TCP until the handshake is done, then TLS
+        self.transport = transport  # the accepted socket until the handshake is done
         self.since = since  # admitted, or last answered
         self.task: asyncio.Task[None] | None = None
         self.held = True
@@ -281,57 +350,33 @@ class _Slot:
             self.listener.release(self)
 
     def evict(self) -> None:
-        """Give the place back now and close the connection (asyncio closes its socket on
-        the loop's next turn)."""
+        """Give the place back now and close the connection (a handshake under way is
+        cancelled, and the loop closes its socket)."""
         self.release()
         if self.task is not None:
             self.task.cancel()  # a handshake under way; nothing once it is done
         self.transport.abort()
 
 
-class _Accept(asyncio.Protocol):
-    """The plain TCP side until start_tls takes the transport over."""
-
-    def __init__(self, listener: GuardedListener) -> None:
-        self.listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # the ClientHello is for the TLS layer, not for us
-        slot = self.listener.admit(transport)
-        if slot is not None:
-            self.listener.handshake(slot)
-
-
 class _Connection(asyncio.Protocol):
     """Between the TLS layer and aiohttp: request bytes make the connection busy, an answer
-    quiet again; gives the slot back when the connection ends.
-
-    The TLS layer may pass on request bytes that arrived with the handshake's
-    last flight before :meth:`connection_made` is called; they wait here.
-    """
+    quiet again; gives the slot back when the connection ends."""
 
     def __init__(self, app_factory: Callable[[], asyncio.Protocol], slot: _Slot) -> None:
         self._app_factory = app_factory
         self._slot = slot
         self._app: asyncio.Protocol | None = None
-        self._early: list[bytes] = []
-        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        tls = cast(asyncio.Transport, transport)  # uvloop's is one, not a subclass
+        self._slot.transport = tls
         app = self._app = self._app_factory()
-        app.connection_made(_Answering(transport, self._slot.answered))
-        for data in self._early:
-            app.data_received(data)
-        self._early.clear()
+        app.connection_made(_Answering(tls, self._slot.answered))
 
     def data_received(self, data: bytes) -> None:
         self._slot.spoke()
-        if self._app is None:
-            self._early.append(data)
-        else:
-            self._app.data_received(data)
+        assert self._app is not None
+        self._app.data_received(data)
 
     def eof_received(self) -> bool | None:
         return self._app.eof_received() if self._app is not None else None
@@ -345,7 +390,6 @@ class _Connection(asyncio.Protocol):
             self._app.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self._slot.release()
         if self._app is not None:
             self._app.connection_lost(exc)

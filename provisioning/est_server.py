@@ -3,9 +3,10 @@
 Process model: ``est-server --config FILE`` is a supervisor (see _supervisor.py)
 that starts ``workers`` processes; each binds the same address with
 SO_REUSEPORT, so the kernel spreads connections over them and every core does
-TLS. A worker runs aiohttp on one event loop and hands enrollments to one thread
-that owns its registry connection (est_service.py): those that arrive while it is
-busy go to it together, one transaction and one commit for the lot (group commit).
+TLS. A worker runs aiohttp on one event loop (uvloop's: its TLS layer is C) and
+hands enrollments to one thread that owns its registry connection (est_service.py):
+those that arrive while it is busy go to it together, one transaction and one commit
+for the lot (group commit).
 
 A listener is a TLS context plus routes: ``est`` on ``port`` serves RFC 7030;
 ``recovery`` on ``recovery_port`` (when configured) serves only
@@ -43,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 from cryptography import x509
 
@@ -501,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return supervise(config, args.config)
         metrics = (args.metrics_dir / f"worker-{args.worker}.json"
                    if args.metrics_dir is not None else None)
-        asyncio.run(Worker(config, metrics).serve(args.ready_fd))
+        uvloop.run(Worker(config, metrics).serve(args.ready_fd))
     except IdentityError as exc:
         log_event("error", logging.ERROR, error=str(exc))
         print(f"est-server: {exc}", file=sys.stderr)

@@ -25,8 +25,8 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"device_agent", "provisioning", "broker_config"}
-NEVER_ON_A_DEVICE = {"aiohttp", "matplotlib", "hypothesis", "pytest", "pytest-timeout", "mypy",
-                     "ruff", "setuptools"}
+NEVER_ON_A_DEVICE = {"aiohttp", "uvloop", "matplotlib", "hypothesis", "pytest",
+                     "pytest-timeout", "mypy", "ruff", "setuptools"}
 # what .gitignore keeps out of the repository, and the repository itself
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
                                      "__pycache__", ".*_cache", ".hypothesis", "demo-out")
@@ -80,6 +80,7 @@ def test_the_core_dependencies_are_what_the_device_agent_imports(wheel: Path) ->
     assert set(extras) == {"server", "broker", "simulator", "test"}
     by_extra = {r.name: str(r.marker) for r in requirements if r.marker}
     assert by_extra["aiohttp"] == 'extra == "server"'
+    assert by_extra["uvloop"] == 'extra == "server"'  # est-server's event loop
     assert by_extra["python-pkcs11"] == 'extra == "server"'  # CA keys in a token
     assert by_extra["matplotlib"] == 'extra == "simulator"'
 
@@ -168,7 +169,9 @@ def test_a_device_install_names_the_extra_a_back_office_command_needs(
         device_venv: Path) -> None:
     result = run_in(device_venv, "est-server", "--help")
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == "est-server: needs aiohttp: pip install 'tpm-device-identity[server]'\n"
+    assert result.stderr.splitlines() == [
+        f"est-server: needs {name}: pip install 'tpm-device-identity[server]'"
+        for name in ("aiohttp", "uvloop")]
     result = run_in(device_venv, "fleet-sim", "--help")
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith("fleet-sim: needs simulator: not in the wheel: it runs from "
