@@ -468,6 +468,7 @@ def test_silent_and_slow_connections_are_closed(
     body from a stranger is never waited for, since the certificate is checked first."""
     with running_est_server(tmp_path / "server", est_pki, server_table=FAST) as server, \
             sockets() as opened:
+        idle = worker_sockets(server)
         boot = registered(server, tmp_path, factory_ca, "slow-dev")
         context = client_context(server, None)
         silent = connect(server)
@@ -494,6 +495,7 @@ def test_silent_and_slow_connections_are_closed(
 
         [timeout] = refused(server, "tls-timeout")[:1]
         assert timeout["peer"] == "127.0.0.1"
+        held_until(lambda: [worker_sockets(server)], [idle])
 
 
 def test_failed_handshakes_are_counted_with_the_peer_address(
@@ -507,6 +509,7 @@ def test_failed_handshakes_are_counted_with_the_peer_address(
                                              dt.timedelta(days=1)), key)
     csr = base64.encodebytes(csr_der(new_key(), "forged-dev"))
     with running_est_server(tmp_path / "server", est_pki, server_table=FAST) as server:
+        idle = worker_sockets(server)
         started = time.monotonic()
         for _ in range(30):
             with pytest.raises(TLS_REFUSED):
@@ -518,6 +521,7 @@ def test_failed_handshakes_are_counted_with_the_peer_address(
         assert {(e["peer"], e["listener"]) for e in lines} == {("127.0.0.1", "est")}
         with server.registry() as registry:
             assert registry.audit_log(limit=1_000_000) == []
+        held_until(lambda: [worker_sockets(server)], [idle])
     assert stopped_totals(server)["tls-failed"] == 30
 
 
@@ -530,6 +534,7 @@ def test_a_full_worker_evicts_the_connection_quiet_longest(
               "handshake_timeout": 60, "idle_timeout": 60}
     with running_est_server(tmp_path / "server", est_pki, server_table=limits) as server, \
             ExitStack() as stack:
+        idle = worker_sockets(server)
         boot = registered(server, tmp_path, factory_ca, "bounded-dev")
         busy = stack.enter_context(client_context(server, None).wrap_socket(
             connect(server, "127.0.0.20"), server_hostname="127.0.0.1"))
@@ -549,9 +554,20 @@ def test_a_full_worker_evicts_the_connection_quiet_longest(
         answer.begin()
         assert answer.status == 401
         assert {e["peer"] for e in refused(server, "connection-evicted")} == {"127.0.0.2"}
+        answer.close()  # its file holds the socket open
+        stack.close()  # every socket refused, evicted or served is closed again
+        held_until(lambda: [worker_sockets(server)], [idle])
     totals = stopped_totals(server)
     assert (totals["peer-connection-limit"], totals["connection-evicted"],
             totals["connection-limit"]) == (6, 4, 0)
+
+
+def worker_sockets(server: ESTServer) -> int:
+    """Sockets the server's workers hold open (their listeners', and connections)."""
+    pid = server.process.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(os.readlink(fd).startswith("socket:") for worker in workers
+               for fd in Path(f"/proc/{worker}/fd").iterdir() if fd.exists())
 
 
 def held_until(counts: Callable[[], list[int]], wanted: list[int], limit: float = 10) -> None:
