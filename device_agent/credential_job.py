@@ -42,6 +42,7 @@ from .errors import ESTError, IdentityError, TPMError
 log = logging.getLogger(__name__)
 
 WORKS = ("enroll", "bootstrap", "renew", "recovery", "clock", "expiry-check", "due-check")
+GENERATIONAL = ("renew", "recovery")  # work on the generation the order names
 
 
 def answer_of(run: Callable[[], object]) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def run_work(config: AgentConfig, work: str, generation: int | None, check_time:
         with open_keystore(config.device.tcti) as tpm:
             enroller = Enroller(config, tpm, store, stop)
             enroller.check_time = check_time
-            if work in ("renew", "recovery"):
+            if work in GENERATIONAL:
                 if generation is None:
                     raise ValueError(f"{work} needs a generation")
                 current = Generation(generation, store.root / f"gen-{generation:06d}")
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work, generation = order["work"], order.get("generation")
         if work not in WORKS or not (generation is None or isinstance(generation, int)):
             raise ValueError(f"not a work order: {header.strip()!r}")
+        if work in GENERATIONAL and generation is None:
+            raise ValueError(f"{work} needs a generation")
     except (ValueError, KeyError, TypeError) as exc:
         answer: dict[str, Any] = {"outcome": "failed", "error": f"bad work order: {exc}",
                                   "retry_after": None}
