@@ -61,7 +61,7 @@ class Result:
 
 @dataclass(frozen=True)
 class Call:
-    """One request for the registry: a body to ``handle``, or the ``refusal`` (status,
+    """One request for the registry: a body to decide on, or the ``refusal`` (status,
     reason) given before the body was read, to audit. ``peer`` is the TLS client
     certificate as the HTTP layer read it."""
 
@@ -134,7 +134,9 @@ class EnrollmentService:
         returned before the commit that holds its rows. When that transaction
         fails as a whole (its commit, or a rollback the database refused), the calls
         are answered again one at a time, each in its own transaction, so each ends
-        as it would have without company.
+        as it would have without company. Every decision writes an audit row, so it
+        needs the write lock anyway; holding it from the first read means no suspension
+        or revocation can land between a decision and its record.
         """
         prepared = [self._prepare(call) for call in calls]
         outcomes: list[Result | Exception]
@@ -155,21 +157,6 @@ class EnrollmentService:
                 and outcome.decision.supersede for outcome in outcomes):
             self.superseded()
         return outcomes
-
-    def handle(self, operation: Operation, peer: Peer | None, body: bytes) -> Result:
-        """Parse and verify the CSR first, then decide, sign and record under the write lock.
-
-        Every decision writes an audit row, so the lock is needed anyway; holding
-        it from the first read means no suspension or revocation can land
-        between the decision and the record.
-        """
-        return self._single(Call(operation, peer, body))
-
-    def _single(self, call: Call) -> Result:
-        outcome = self.handle_all([call])[0]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
     def _prepare(self, call: Call) -> _Prepared:
         if call.body is None:

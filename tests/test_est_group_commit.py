@@ -128,11 +128,10 @@ def test_a_failed_commit_answers_each_alone(tmp_path: Path) -> None:
             f"{c.serial_number:x}" for c in certificates)
 
 
-def test_a_lone_request_raises_as_before(registry: Registry) -> None:
+def test_a_lone_request_gets_its_error_and_leaves_nothing(registry: Registry) -> None:
     call = enroll_call(registry, "dev-0")
-    assert call.peer is not None and call.body is not None
-    with pytest.raises(PKIError):
-        service(registry, FailingCA({"dev-0"})).handle(call.operation, call.peer, call.body)
+    [outcome] = service(registry, FailingCA({"dev-0"})).handle_all([call])
+    assert isinstance(outcome, PKIError)
     assert registry.certificates("dev-0")[-1].kind is CertKind.BOOTSTRAP
 
 
