@@ -236,15 +236,14 @@ class LocalAPI:
                 self._selector.unregister(self._listener)
                 self._accept_paused_until = time.monotonic() + 0.1
                 return
-            self.clients += 1
-            if self.clients > MAX_CLIENTS:
+            if self.clients >= MAX_CLIENTS:
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
                     sock.send(json.dumps({"ok": False, "error": "too many clients; retry"})
                               .encode() + b"\n")
                 sock.close()
-                self.clients -= 1
                 continue
+            self.clients += 1
             sock.setblocking(False)
             client = _Client(sock)
             self._open.add(client)
