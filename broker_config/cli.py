@@ -87,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "enforce":
             done = revocation.enforce(args.broker, args.device_id, args.crl.read_bytes(),
                                       serial=args.serial, expiries=_expiries(args.registry))
-            print(f"{done.device_id}: CRL installed, broker {done.broker_pid} reloaded, "
-                  f"session ended; enforce took {done.seconds * 1000:.0f} ms"
+            print(f"{done.device_id}: CRL installed for broker {done.broker_pid} (its next "
+                  f"handshakes check it), session ended; enforce took "
+                  f"{done.seconds * 1000:.0f} ms"
                   if done.broker_pid is not None else
                   f"{done.device_id}: CRL installed; the broker is not running and reads it "
                   "when it starts (refresh-crl --registry bans the device then)")
