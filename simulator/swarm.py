@@ -57,8 +57,25 @@ from provisioning import pki
 
 SESSION_EXPIRY = 7 * 24 * 3600  # as the agent's link
 PUBLISH_TIMEOUT = 20.0
-QUIET = logging.getLogger("simulator.swarm.mqtt")  # aiomqtt's per-connection warnings: counted
-QUIET.setLevel(logging.ERROR)                     # in the report, not printed 10,000 times
+
+
+class _Tally(logging.Handler):
+    """What paho and aiomqtt log per connection (a socket error for each device in a
+    broker restart storm): counted by message for the report, not printed 10,000 times."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.getMessage().partition(":")[0]] += 1
+
+
+CLIENT_LOG = _Tally()
+QUIET = logging.getLogger("simulator.swarm.mqtt")
+QUIET.setLevel(logging.WARNING)
+QUIET.addHandler(CLIENT_LOG)
+QUIET.propagate = False
 
 
 @dataclass(frozen=True)

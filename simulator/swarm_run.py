@@ -31,7 +31,14 @@ from provisioning.registry import open_registry
 from .fleet import BACKEND_ID, MAX_FILE_DEVICES, Fleet, FleetOptions, run_in_work_directory, step
 from .observe import TimedMonitor
 from .report import percentile, write_json
-from .swarm import SwarmDevice, SwarmSettings, SwarmStats, bootstrap_identity, run_swarm
+from .swarm import (
+    CLIENT_LOG,
+    SwarmDevice,
+    SwarmSettings,
+    SwarmStats,
+    bootstrap_identity,
+    run_swarm,
+)
 from .swarm_observe import CPUSampler, MonitorGroup, children, dropped_for
 
 MONITOR_TOPICS = ("devices/<id>/telemetry, one persistent subscription per device, the devices "
@@ -323,6 +330,7 @@ def build_report(fleet: SwarmFleet, run: Run, sampler: CPUSampler) -> dict[str, 
         "connect_failure_kinds": dict(stats.failure_kinds.most_common(8)),
         "est_failures": stats.est_failures,
         "loop_errors": stats.loop_errors,
+        "mqtt_client_log": dict(CLIENT_LOG.counts.most_common(8)),
         "broker_rss_mb_peak": round(sampler.rss_peak.get("mosquitto", 0.0), 1),
         "swarm_rss_mb_peak": round(sampler.rss_peak.get("swarm", 0.0), 1),
         "broker_cpu_pct": {"enroll": sampler.between(0, steady[0]).get("mosquitto"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from broker_config.mosquitto import BrokerSettings, render_acl, render_conf
 from device_agent.identity import is_service_identity
+from simulator.swarm import CLIENT_LOG, QUIET
 
 FLEET_SIM = str(Path(sys.executable).parent / "fleet-sim")
 
@@ -35,7 +37,8 @@ def test_a_small_swarm_enrolls_renews_survives_a_broker_restart_and_loses_nothin
     assert report["monitor"]["fell_behind"] is False
     assert report["monitor"]["subscribers"] == 4
     for key in ("enrollments_per_s", "connects_per_s", "renewals_per_s", "broker_rss_mb_peak",
-                "broker_cpu_pct", "est_server_cpu_pct", "cpu_pct_peak", "saturated_first"):
+                "broker_cpu_pct", "est_server_cpu_pct", "cpu_pct_peak", "saturated_first",
+                "mqtt_client_log"):
         assert key in report
 
 
@@ -59,3 +62,27 @@ def test_back_end_worker_names_are_never_a_device_s() -> None:
     with pytest.raises(ValueError, match="backend_workers"):
         BrokerSettings(port=8883, client_ca=Path("/ca"), certfile=Path("/c"),
                        keyfile=Path("/k"), data_dir=Path("/d"), backend_workers=0)
+
+
+def test_what_the_devices_mqtt_clients_log_is_counted_not_printed() -> None:
+    """paho logs a socket error for each device when the broker restarts (62 lines in a
+    10,000-device storm): the report counts them by message; the console (whatever the
+    root logger prints to) stays readable."""
+    printed: list[logging.LogRecord] = []
+
+    class Console(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            printed.append(record)
+
+    console = Console(logging.DEBUG)
+    logging.getLogger().addHandler(console)
+    before = CLIENT_LOG.counts["failed to receive on socket"]
+    try:
+        for _ in range(3):
+            QUIET.error("failed to receive on socket: EOF occurred in violation of protocol")
+        QUIET.debug("sending PUBLISH")
+    finally:
+        logging.getLogger().removeHandler(console)
+    assert CLIENT_LOG.counts["failed to receive on socket"] - before == 3
+    assert "sending PUBLISH" not in CLIENT_LOG.counts
+    assert printed == []
