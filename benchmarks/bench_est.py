@@ -6,6 +6,8 @@ Every enrollment and every baseline handshake uses a new mTLS connection (a
 device enrolls once per connection). Baselines: bare mTLS handshakes against a
 plain Python ``ssl`` server with the same TLS context, as many processes as EST
 workers, SO_REUSEPORT; and raw ``cryptography`` certificate signing on one core.
+``GET cacerts`` on the EST server, a new connection each, is its web and TLS path
+without the registry: what is left between it and an enrollment is the registry's.
 Clients and servers share this machine's cores, as they would on a test rig.
 """
 
@@ -83,10 +85,7 @@ def _handshake(context: ssl.SSLContext, port: int, _body: bytes) -> bool:
         return tls.recv(1) == b"k"
 
 
-def _enroll(context: ssl.SSLContext, port: int, body: bytes) -> bool:
-    request = (b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/pkcs10\r\nConnection: close\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+def _exchange(context: ssl.SSLContext, port: int, request: bytes) -> bool:
     with socket.create_connection(("127.0.0.1", port)) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(request)
@@ -96,10 +95,24 @@ def _enroll(context: ssl.SSLContext, port: int, body: bytes) -> bool:
     return reply.startswith(b"HTTP/1.1 200")
 
 
+def _enroll(context: ssl.SSLContext, port: int, body: bytes) -> bool:
+    return _exchange(context, port, (
+        b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/pkcs10\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body))
+
+
+def _cacerts(context: ssl.SSLContext, port: int, _body: bytes) -> bool:
+    """The server's HTTP and TLS path without the registry: where an enrollment's cost
+    splits between the web layer and the registry thread."""
+    return _exchange(context, port, b"GET /.well-known/est/cacerts HTTP/1.1\r\n"
+                                    b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+
+
 def _client_process(kind: str, paths: pki.PKIPaths, port: int,
                     identities: list[tuple[Path, Path, bytes]], seconds: float,
                     results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    call = _enroll if kind == "enroll" else _handshake
+    call = {"enroll": _enroll, "cacerts": _cacerts, "handshake": _handshake}[kind]
     counts = [0] * len(identities)
     errors = [0] * len(identities)
     start = threading.Barrier(len(identities))
@@ -206,11 +219,15 @@ def main() -> int:
                 proc.join(10)
 
         enrollments = {}
+        cacerts: dict[int, tuple[float, int]] = {}
         for sync in ("full", "normal"):
             est_port = free_port()
             with running_est(directory, paths, est_port, sync):
                 enrollments[sync] = {c: measure("enroll", paths, est_port, identities, c,
                                                 args.seconds) for c in args.clients}
+                if sync == "full":
+                    cacerts = {c: measure("cacerts", paths, est_port, identities, c,
+                                          args.seconds) for c in args.clients}
         signing = signing_rate(pki.read_authority(paths.device_ca), args.seconds)
         with open_registry(paths.registry) as registry:
             recorded = registry.count_certificates()
@@ -218,12 +235,15 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs; EST workers: {WORKERS}; {args.seconds:.0f} s per "
           "cell; a new mTLS connection (TLS 1.3, client P-256, server Ed25519) per operation")
     print(f"{'clients':>8} {'handshakes/s':>13} {'enroll/s (sync full)':>21} {'ratio':>6} "
-          f"{'enroll/s (sync normal)':>23} {'ratio':>6} {'errors':>7}")
+          f"{'enroll/s (sync normal)':>23} {'ratio':>6} {'GET cacerts/s':>14} {'ratio':>6} "
+          f"{'errors':>7}")
     for c in args.clients:
         hs, hs_err = handshakes[c]
         (full, full_err), (normal, normal_err) = enrollments["full"][c], enrollments["normal"][c]
+        web, web_err = cacerts[c]
         print(f"{c:>8} {hs:>13.0f} {full:>21.0f} {full / hs:>6.0%} {normal:>23.0f} "
-              f"{normal / hs:>6.0%} {hs_err + full_err + normal_err:>7}")
+              f"{normal / hs:>6.0%} {web:>14.0f} {web / hs:>6.0%} "
+              f"{hs_err + full_err + normal_err + web_err:>7}")
     print(f"raw cryptography certificate signing (P-256 Device CA, one core): {signing:.0f}/s")
     print(f"registry rows after the run: {recorded} certificates")
     return 0
