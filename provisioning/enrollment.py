@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from device_agent.identity import DEVICE_ID_PATTERN, device_uri, is_service_identity
@@ -199,11 +198,9 @@ class Request:
     key_problem: str | None
 
     @classmethod
-    def from_csr(cls, csr: x509.CertificateSigningRequest,
-                 key: CertificatePublicKeyTypes | None = None) -> Request:
-        """``key``: the CSR's, if the caller has it; the CSR parses its key (and its
-        subject) again at each read, so each is read once here."""
-        key = csr.public_key() if key is None else key
+    def from_csr(cls, csr: x509.CertificateSigningRequest) -> Request:
+        """The CSR parses its subject again at each read: read once here."""
+        key = csr.public_key()
         try:
             pki.check_public_key(key)
             problem = None

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from device_agent.csr_attestation import EvidenceFormatError, attestation_attribute
 
@@ -73,13 +72,11 @@ class Call:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A call with its CSR parsed and verified (outside the write lock), and the CSR's
-    key, read once: the CSR parses it again at each ``public_key()``."""
+    """A call with its CSR parsed and verified (outside the write lock)."""
 
     call: Call
     csr: x509.CertificateSigningRequest | None = None
     request: Request | EnrollmentRefused | None = None
-    key: CertificatePublicKeyTypes | None = None
 
 
 class EnrollmentService:
@@ -162,17 +159,15 @@ class EnrollmentService:
         if call.body is None:
             return _Prepared(call)
         csr: x509.CertificateSigningRequest | None = None
-        key: CertificatePublicKeyTypes | None = None
         request: Request | EnrollmentRefused
         try:
             csr = decode_csr(call.body)
-            key = csr.public_key()
-            request = Request.from_csr(csr, key)
+            request = Request.from_csr(csr)
         except EnrollmentRefused as refused:
             request = refused
         except PARSE_ERRORS:  # a part of the CSR that decode_csr does not read
             request = EnrollmentRefused(400, "CSR cannot be read")
-        return _Prepared(call, csr, request, key)
+        return _Prepared(call, csr, request)
 
     def _alone(self, item: _Prepared) -> Result | Exception:
         try:
@@ -219,15 +214,14 @@ class EnrollmentService:
                 csr, device.device_id if device else None))
         decision = decide(operation, peer, request, records, self.policy, now)
         if decision.outcome is Outcome.ISSUE:
-            assert item.key is not None and isinstance(request, Request)
-            assert decision.device_id is not None and decision.issuance is not None
+            assert csr is not None and decision.device_id is not None
+            assert decision.issuance is not None
             certificate = self.device_ca.issue_client(
-                decision.device_id, item.key, self.lifetime,
+                decision.device_id, csr.public_key(), self.lifetime,
                 policies=(ATTESTED_KEY_POLICY,) if decision.attested else ())
             self.registry.record_issuance(decision.device_id, certificate,
                                           decision.issuance, decision.supersede, now,
-                                          attested=decision.attested,
-                                          key_fingerprint=request.key_fingerprint)
+                                          attested=decision.attested)
         elif decision.outcome is Outcome.HOLD:
             assert peer is not None and decision.device_id is not None
             self.registry.hold(decision.device_id, peer.certificate)

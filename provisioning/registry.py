@@ -368,14 +368,8 @@ class Registry:
     # --- certificates --------------------------------------------------------------------
 
     def record_certificate(self, device_id: str, certificate: x509.Certificate,
-                           kind: CertKind, attested: bool = False,
-                           key_fingerprint: str | None = None) -> None:
-        """``key_fingerprint``: :func:`public_key_fingerprint` of the certificate's key, when
-        the caller has it (the EST service, from the CSR): parsing and re-encoding the key
-        again costs about as much per enrollment as the INSERT."""
+                           kind: CertKind, attested: bool = False) -> None:
         serial = serial_hex(certificate.serial_number)
-        if key_fingerprint is None:
-            key_fingerprint = public_key_fingerprint(certificate.public_key())
         issuer = issuer_name(certificate.issuer)
         cursor = self._execute(
             "INSERT INTO certificates (issuer, serial, device_id, kind, not_before, not_after,"
@@ -383,8 +377,8 @@ class Registry:
             " VALUES (?, ?, ?, ?, ?, ?, ?, 'issued', ?, ?)"
             " ON CONFLICT (issuer, serial) DO NOTHING",
             (issuer, serial, device_id, kind.value, timestamp(certificate.not_valid_before_utc),
-             timestamp(certificate.not_valid_after_utc), key_fingerprint, timestamp(),
-             int(attested)),
+             timestamp(certificate.not_valid_after_utc),
+             public_key_fingerprint(certificate.public_key()), timestamp(), int(attested)),
             f"cannot record certificate {serial}")
         if cursor.rowcount == 0:
             known = self.certificate(serial, issuer)
@@ -394,15 +388,13 @@ class Registry:
 
     def record_issuance(self, device_id: str, certificate: x509.Certificate, kind: IssuanceKind,
                         supersede: tuple[str, ...] = (), when: dt.datetime | None = None,
-                        attested: bool = False, key_fingerprint: str | None = None) -> None:
+                        attested: bool = False) -> None:
         """An operational certificate handed out: its record (``attested``: its key's TPM
-        attestation was verified; ``key_fingerprint`` as :meth:`record_certificate` takes
-        it), its issuance row, and the serials of the same issuer it supersedes, in one
-        transaction."""
+        attestation was verified), its issuance row, and the serials of the same issuer
+        it supersedes, in one transaction."""
         issuer = issuer_name(certificate.issuer)
         with self.transaction():
-            self.record_certificate(device_id, certificate, CertKind.OPERATIONAL, attested,
-                                    key_fingerprint)
+            self.record_certificate(device_id, certificate, CertKind.OPERATIONAL, attested)
             self._query("INSERT INTO issuances (device_id, kind, issuer, serial, at)"
                         " VALUES (?, ?, ?, ?, ?)",
                         (device_id, kind.value, issuer, serial_hex(certificate.serial_number),
