@@ -349,8 +349,10 @@ class Worker:
     async def run(self, call: Call) -> Result:
         """``call``'s answer from the registry thread, once the commit that holds it is done.
 
-        Calls queue here while a batch is on that thread, and the next batch takes them
-        in arrival order, :data:`MAX_BATCH` at most: there is no waiting for company.
+        Calls queue here while a batch is on that thread. A batch takes the calls queued
+        when it starts, and, once it holds the registry's write lock, those that came
+        while it waited for the lock (:meth:`EnrollmentService.handle_all`): in arrival
+        order, :data:`MAX_BATCH` at most, with no waiting for company.
         """
         answer = asyncio.get_running_loop().create_future()
         self.waiting.append((call, answer))
@@ -358,17 +360,26 @@ class Worker:
             self._next_batch()
         return await answer
 
+    def _take(self, taken: list[tuple[Call, asyncio.Future[Result]]]) -> list[Call]:
+        """Queued calls moved to ``taken`` up to :data:`MAX_BATCH`, skipping those whose
+        handler is gone (nothing to decide or audit). Also called on the registry thread:
+        the loop appends meanwhile but takes nothing while a batch is out."""
+        calls = []
+        while self.waiting and len(taken) < MAX_BATCH:
+            call, answer = self.waiting.popleft()
+            if not answer.cancelled():
+                taken.append((call, answer))
+                calls.append(call)
+        return calls
+
     def _next_batch(self) -> None:
         assert self.service is not None
         taken: list[tuple[Call, asyncio.Future[Result]]] = []
-        while self.waiting and len(taken) < MAX_BATCH:
-            call, answer = self.waiting.popleft()
-            if not answer.cancelled():  # its handler is gone: nothing to decide or audit
-                taken.append((call, answer))
-        if not taken:
+        calls = self._take(taken)
+        if not calls:
             return
         batch = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.service.handle_all, [call for call, _ in taken])
+            self.executor, self.service.handle_all, calls, lambda: self._take(taken))
         self.batch = batch
         batch.add_done_callback(lambda done: self._answer(done, [a for _, a in taken]))
 

@@ -121,12 +121,19 @@ class EnrollmentService:
             recent=registry.issued_since(device_id, BUDGETS[operation], now - BUDGET_WINDOW),
         )
 
-    def handle_all(self, calls: Sequence[Call]) -> list[Result | Exception]:
+    def handle_all(self, calls: Sequence[Call],
+                   joining: Callable[[], Sequence[Call]] | None = None,
+                   ) -> list[Result | Exception]:
         """Answer ``calls`` in order, each as it would be answered alone,
         with one transaction (one commit, one fsync) for them all: group commit.
 
-        The CSRs are parsed and verified first, outside the write lock. Each call
-        then decides, signs and records in a savepoint of its own, so one that
+        ``joining`` is called once the write lock is ours: the calls it gives (those that
+        arrived while this batch waited for the lock) join the batch, and their answers
+        follow those of ``calls``. Under contention the lock is the bottleneck, so the
+        longer the wait, the more calls share the commit that ends it.
+
+        The CSRs in ``calls`` are parsed and verified first, outside the write lock.
+        Each call then decides, signs and records in a savepoint of its own, so one that
         raises takes back only its writes and gets its exception; no answer is
         returned before the commit that holds its rows. When that transaction
         fails as a whole (its commit, or a rollback the database refused), the calls
@@ -137,18 +144,17 @@ class EnrollmentService:
         """
         prepared = [self._prepare(call) for call in calls]
         outcomes: list[Result | Exception]
-        if len(prepared) == 1:
-            outcomes = [self._alone(prepared[0])]
-        else:
-            began = False
-            try:
-                with self.registry.transaction():
-                    began = True
-                    outcomes = [self._in_savepoint(item) for item in prepared]
-            except ProvisioningError as exc:
-                # No transaction at all (the lock timed out): each would have met the same.
-                outcomes = ([self._alone(item) for item in prepared] if began
-                            else [exc] * len(prepared))
+        began = False
+        try:
+            with self.registry.transaction():
+                began = True
+                if joining is not None:
+                    prepared += [self._prepare(call) for call in joining()]
+                outcomes = [self._in_savepoint(item) for item in prepared]
+        except ProvisioningError as exc:
+            # No transaction at all (the lock timed out): each would have met the same.
+            outcomes = ([self._alone(item) for item in prepared] if began
+                        else [exc] * len(prepared))
         if self.superseded is not None and any(
                 isinstance(outcome, Result) and outcome.certificate is not None
                 and outcome.decision.supersede for outcome in outcomes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,39 @@ def test_requests_share_one_commit(registry: Registry, registry_location: Path |
     decisions = [entry for entry in registry.audit_log() if entry.action == "simpleenroll"]
     assert [(e.device_id, e.decision) for e in decisions] == [
         (f"dev-{i}", "issued") for i in range(3)]
+
+
+def test_calls_that_came_while_the_lock_was_taken_join_the_batch(
+        registry: Registry, registry_location: Path | str) -> None:
+    first, *later = [enroll_call(registry, f"dev-{i}") for i in range(3)]
+    enrollments = service(registry)
+    seen = commits(registry) if isinstance(registry_location, Path) else None
+    holding, leaving = threading.Event(), threading.Event()
+
+    def other_writer() -> None:
+        with open_registry(registry_location) as other, other.transaction():
+            holding.set()
+            leaving.wait(0.3)
+            leaving.set()
+
+    joined_after_the_other_left: list[bool] = []
+
+    def joining() -> list[Call]:
+        joined_after_the_other_left.append(leaving.is_set())
+        return later
+
+    holder = threading.Thread(target=other_writer)
+    holder.start()
+    assert holding.wait(10)
+    outcomes = enrollments.handle_all([first], joining)
+    holder.join(10)
+    assert joined_after_the_other_left == [True]
+    certificates = [issued(outcome) for outcome in outcomes]
+    for i, certificate in enumerate(certificates):
+        record = registry.certificate(certificate.serial_number, certificate.issuer)
+        assert record is not None and record.device_id == f"dev-{i}"
+    if seen is not None:
+        assert len(seen) == 1
 
 
 def test_one_failure_takes_back_only_its_own(registry: Registry) -> None:
