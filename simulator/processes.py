@@ -82,6 +82,10 @@ def require_library(name: str) -> str:
     return found[0]
 
 
+PORT_ATTEMPTS = 5  # ports a first start tries before it gives up
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,12 +105,29 @@ def free_port_pair() -> int:
     raise ComponentError("no pair of adjacent free ports on 127.0.0.1")
 
 
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
+def listening(process: subprocess.Popen[bytes] | None, *ports: int) -> bool:
+    """Whether ``process`` itself listens on every one of the TCP ``ports``.
+
+    A connection test would also pass when another program got the port
+    first, and the clients would then talk to that program.
+    """
+    if process is None:
         return False
+    sockets: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if fields[3] == TCP_LISTEN and port in ports:
+                    sockets[f"socket:[{fields[9]}]"] = port
+    fds = Path(f"/proc/{process.pid}/fd")
+    try:
+        held = {sockets.get(os.readlink(fd)) for fd in fds.iterdir()}
+    except OSError:  # it exited meanwhile, or an fd closed while read
+        return False
+    return set(ports) <= held
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str,
@@ -227,25 +248,48 @@ class SoftwareTPM:
         self.directory = directory
         self.manufacturer = manufacturer  # if set: EKs and EK certificates before first start
         self.bus = bus
-        self.port = free_port_pair()
-        self.bus_name = f"com.intel.tss2.Tabrmd.{name.replace('-', '_')}{self.port}"
-        self.swtpm_tcti = f"swtpm:host=127.0.0.1,port={self.port}"
-        self.tcti = (f"tabrmd:bus_type=session,bus_name={self.bus_name}" if bus
-                     else self.swtpm_tcti)
+        self.name = name
+        self.max_transients = max_transients
         self.state = directory / "state"
-        self.swtpm = Process("swtpm", [
+        self.port: int | None = None  # chosen at the first start, see _listen
+        self.swtpm = Process("swtpm", ["swtpm"], directory / "swtpm.log")
+        self.abrmd: Process | None = None
+
+    def _listen_on(self, port: int) -> None:
+        self.port = port
+        self.swtpm.argv = [
             "swtpm", "socket", "--tpm2",
-            "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
             "--flags", "not-need-init,startup-clear",
             "--tpmstate", f"dir={self.state}",
-        ], directory / "swtpm.log")
+        ]
+        if self.bus is None:
+            return
         abrmd = ["tpm2-abrmd", "--session", f"--dbus-name={self.bus_name}",
-                 f"--tcti=swtpm:host=127.0.0.1,port={self.port}", "--allow-root"]
-        if max_transients is not None:
-            abrmd.append(f"--max-transients={max_transients}")
-        self.abrmd = Process("tpm2-abrmd", abrmd, directory / "abrmd.log",
-                             env={"DBUS_SESSION_BUS_ADDRESS": bus.address}) if bus else None
+                 f"--tcti={self.swtpm_tcti}", "--allow-root"]
+        if self.max_transients is not None:
+            abrmd.append(f"--max-transients={self.max_transients}")
+        self.abrmd = Process("tpm2-abrmd", abrmd, self.directory / "abrmd.log",
+                             env={"DBUS_SESSION_BUS_ADDRESS": self.bus.address})
+
+    @property
+    def _port(self) -> int:
+        if self.port is None:
+            raise ComponentError("the software TPM has no port before its first start")
+        return self.port
+
+    @property
+    def bus_name(self) -> str:
+        return f"com.intel.tss2.Tabrmd.{self.name.replace('-', '_')}{self._port}"
+
+    @property
+    def swtpm_tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self._port}"
+
+    @property
+    def tcti(self) -> str:
+        return f"tabrmd:bus_type=session,bus_name={self.bus_name}" if self.bus else self.swtpm_tcti
 
     def __enter__(self) -> SoftwareTPM:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -255,13 +299,38 @@ class SoftwareTPM:
         return self
 
     def start(self) -> None:
-        self.swtpm.start()
-        wait_until(lambda: port_open(self.port), 10, "swtpm", self.swtpm.popen, self.swtpm.log)
+        if self.port is None:
+            self._listen()
+        else:
+            self._start_swtpm()
         if self.abrmd is not None and self.bus is not None:
             bus = self.bus
             self.abrmd.start()
             wait_until(lambda: bus.has_name(self.bus_name), 10, "tpm2-abrmd",
                        self.abrmd.popen, self.abrmd.log)
+
+    def _listen(self) -> None:
+        """First start: ports chosen now, and again if another process took them first.
+
+        A port is free only when it is probed; whatever connects or listens on
+        127.0.0.1 meanwhile (a client's source port, another TPM of a batch) can
+        take it before swtpm binds, and swtpm then exits. Restarts keep the port:
+        clients hold the TCTI.
+        """
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._listen_on(free_port_pair())
+            try:
+                self._start_swtpm()
+                return
+            except ComponentError:
+                if self.swtpm.running() or attempt == PORT_ATTEMPTS:
+                    raise
+
+    def _start_swtpm(self) -> None:
+        port = self._port
+        self.swtpm.start()
+        wait_until(lambda: listening(self.swtpm.popen, port, port + 1), 10, "swtpm",
+                   self.swtpm.popen, self.swtpm.log)
 
     def stop(self) -> None:
         if self.abrmd is not None:
@@ -296,7 +365,7 @@ class Mosquitto:
 
     def start(self) -> None:
         self.process = self._process().start()
-        wait_until(lambda: port_open(self.port), 10, "mosquitto",
+        wait_until(lambda: listening(self.process.popen, self.port), 10, "mosquitto",
                    self.process.popen, self.process.log)
 
     def stop(self, timeout: float = 15.0) -> None:
