@@ -362,15 +362,15 @@ class Worker:
 
     def _take(self, taken: list[tuple[Call, asyncio.Future[Result]]]) -> list[Call]:
         """Queued calls moved to ``taken`` up to :data:`MAX_BATCH`, skipping those whose
-        handler is gone (nothing to decide or audit). Also called on the registry thread:
-        the loop appends meanwhile but takes nothing while a batch is out."""
-        calls = []
+        handler is gone (nothing to decide or audit); returns the calls it moved. Also
+        called on the registry thread: the loop appends meanwhile but takes nothing while
+        a batch is out."""
+        start = len(taken)
         while self.waiting and len(taken) < MAX_BATCH:
             call, answer = self.waiting.popleft()
             if not answer.cancelled():
                 taken.append((call, answer))
-                calls.append(call)
-        return calls
+        return [call for call, _ in taken[start:]]
 
     def _next_batch(self) -> None:
         assert self.service is not None
