@@ -251,11 +251,11 @@ class SoftwareTPM:
         self.name = name
         self.max_transients = max_transients
         self.state = directory / "state"
-        self.port: int | None = None  # chosen at the first start, see _listen
+        self.port: int | None = None  # chosen at the first start, see _first_start
         self.swtpm = Process("swtpm", ["swtpm"], directory / "swtpm.log")
         self.abrmd: Process | None = None
 
-    def _listen_on(self, port: int) -> None:
+    def _use_port(self, port: int) -> None:
         self.port = port
         self.swtpm.argv = [
             "swtpm", "socket", "--tpm2",
@@ -300,7 +300,7 @@ class SoftwareTPM:
 
     def start(self) -> None:
         if self.port is None:
-            self._listen()
+            self._first_start()
         else:
             self._start_swtpm()
         if self.abrmd is not None and self.bus is not None:
@@ -309,7 +309,7 @@ class SoftwareTPM:
             wait_until(lambda: bus.has_name(self.bus_name), 10, "tpm2-abrmd",
                        self.abrmd.popen, self.abrmd.log)
 
-    def _listen(self) -> None:
+    def _first_start(self) -> None:
         """First start: ports chosen now, and again if another process took them first.
 
         A port is free only when it is probed; whatever connects or listens on
@@ -318,7 +318,7 @@ class SoftwareTPM:
         clients hold the TCTI.
         """
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self._listen_on(free_port_pair())
+            self._use_port(free_port_pair())
             try:
                 self._start_swtpm()
                 return
